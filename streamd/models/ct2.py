@@ -209,5 +209,3 @@ def read_alignment_heads(config_json: Path) -> list[tuple[int, int]]:
         return [(int(layer), int(head)) for layer, head in config["alignment_heads"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{config_json}: cannot read alignment_heads ({exc})") from exc
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -35,10 +36,17 @@ class LoadedModel:
 
 
 @lru_cache(maxsize=16)
-def _tokenizer(multilingual: bool, num_languages: int, language: str | None, task: str) -> Tokenizer:
+def _tokenizer(
+    multilingual: bool, num_languages: int, language: str | None, task: str
+) -> Tokenizer:
     if not multilingual:
         language, task = "en", "transcribe"
-    return get_tokenizer(multilingual, num_languages=num_languages, language=language, task=task)
+    with warnings.catch_warnings():
+        # openai-whisper reads its .tiktoken vocabulary without closing the file
+        warnings.simplefilter("ignore", ResourceWarning)
+        return get_tokenizer(
+            multilingual, num_languages=num_languages, language=language, task=task
+        )
 
 
 def load_model(name: str, device: str | torch.device = "cpu") -> LoadedModel:
@@ -53,6 +61,8 @@ def load_model(name: str, device: str | torch.device = "cpu") -> LoadedModel:
         raise ModelError(f"{name}: weights do not fit the Whisper module ({exc})") from exc
     mask = torch.zeros(model.dims.n_text_layer, model.dims.n_text_head, dtype=torch.bool)
     for layer, head in ckpt.alignment_heads:
+        if not (0 <= layer < mask.shape[0] and 0 <= head < mask.shape[1]):
+            raise ModelError(f"{name}: alignment head {(layer, head)} outside {tuple(mask.shape)}")
         mask[layer, head] = True
     model.register_buffer("alignment_heads", mask.to_sparse(), persistent=False)
     model = model.to(device).eval()

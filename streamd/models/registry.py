@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,7 +189,15 @@ def _read_torch_checkpoint(path: Path) -> WhisperCheckpoint:
         raw = torch.load(path, map_location="cpu", weights_only=True)
         dims = {k: int(v) for k, v in raw["dims"].items()}
         state = {k: v.float() for k, v in raw["model_state_dict"].items()}
-    except (OSError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        OSError,
+        RuntimeError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ) as exc:
         raise ModelError(f"{path}: not an openai-whisper checkpoint ({exc})") from exc
     heads = raw.get("alignment_heads")
     return WhisperCheckpoint(
@@ -202,7 +211,7 @@ def _read_torch_checkpoint(path: Path) -> WhisperCheckpoint:
 
 def _save(ckpt: WhisperCheckpoint, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per writer process
     state = {k: torch.as_tensor(v) for k, v in ckpt.state_dict.items()}
     torch.save(
         {

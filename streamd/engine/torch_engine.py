@@ -1,0 +1,187 @@
+"""`TorchEngine`: openai-whisper's weights run through our own static-shape decoder.
+
+The encoder is openai-whisper's module as is. The decoder reuses the module's weights but not its
+forward: openai-whisper grows its KV cache with `torch.cat` every step, we write into a cache
+preallocated once per engine (self-attention [layers, max_batch, n_text_ctx, d], cross-attention
+[layers, max_batch, n_audio_ctx, d]) at per-row positions, so rows of one batch may belong to
+different streams at different lengths, and nothing in the decode loop grows with the sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from whisper.model import MultiHeadAttention, ResidualAttentionBlock, Whisper
+
+from streamd.engine.protocol import PrefillOutput, StepOutput
+from streamd.errors import EngineError
+
+DEFAULT_MAX_BATCH = 8
+
+
+class TorchEngine:
+    """Whisper on torch (CPU, or CUDA where present), implementing `streamd.engine.Engine`."""
+
+    def __init__(
+        self,
+        model: Whisper,
+        alignment_heads: tuple[tuple[int, int], ...],
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
+        dims = model.dims
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.n_mels = dims.n_mels
+        self.n_audio_ctx = dims.n_audio_ctx
+        self.n_text_ctx = dims.n_text_ctx
+        self.n_vocab = dims.n_vocab
+        self.max_batch = max_batch
+        self.n_head = dims.n_text_head
+        self.head_dim = dims.n_text_state // dims.n_text_head
+        self.alignment_heads = alignment_heads
+        self.n_alignment_heads = len(alignment_heads)
+        # per layer: which of its heads are alignment heads, in `alignment_heads` order
+        self._align_by_layer: dict[int, list[int]] = {}
+        for layer, head in alignment_heads:
+            self._align_by_layer.setdefault(layer, []).append(head)
+
+        n_layer, d = dims.n_text_layer, dims.n_text_state
+        kw = {"device": self.device, "dtype": self.dtype}
+        self.self_k = torch.zeros(n_layer, max_batch, self.n_text_ctx, d, **kw)
+        self.self_v = torch.zeros_like(self.self_k)
+        self.cross_k = torch.zeros(n_layer, max_batch, self.n_audio_ctx, d, **kw)
+        self.cross_v = torch.zeros_like(self.cross_k)
+        self._cache_index = torch.arange(self.n_text_ctx, device=self.device)
+        self._rows = 0  # rows filled by the last prefill
+
+    @property
+    def blocks(self) -> list[ResidualAttentionBlock]:
+        return list(self.model.decoder.blocks)
+
+    @torch.inference_mode()
+    def encode(self, mel: Tensor) -> Tensor:
+        if mel.ndim != 3 or mel.shape[1] != self.n_mels or mel.shape[2] != 2 * self.n_audio_ctx:
+            raise EngineError(
+                f"mel must be [B, {self.n_mels}, {2 * self.n_audio_ctx}], got {tuple(mel.shape)}"
+            )
+        return self.model.encoder(mel.to(self.device, self.dtype))
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        """[B, T, d] -> [B, H, T, d/H]"""
+        return x.view(x.shape[0], x.shape[1], self.n_head, self.head_dim).transpose(1, 2)
+
+    def _merge_heads(self, x: Tensor) -> Tensor:
+        return x.transpose(1, 2).flatten(start_dim=2)
+
+    def _cross_attention(
+        self, layer: int, attn: MultiHeadAttention, x: Tensor, rows: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend to the cached audio K/V; return the alignment heads' raw scores if any."""
+        q = self._split_heads(attn.query(x))
+        k = self._split_heads(self.cross_k[layer, :rows])
+        v = self._split_heads(self.cross_v[layer, :rows])
+        heads = self._align_by_layer.get(layer)
+        if heads is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+            return attn.out(self._merge_heads(out)), None
+        qk = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+        out = qk.float().softmax(dim=-1).to(q.dtype) @ v
+        return attn.out(self._merge_heads(out)), qk[:, heads].float()
+
+    def _finish(self, x: Tensor) -> Tensor:
+        x = self.model.decoder.ln(x)
+        return (x @ self.model.decoder.token_embedding.weight.T).float()
+
+    def _stack_alignment(self, scores: dict[int, Tensor]) -> Tensor:
+        """Per-layer head scores -> [B, A, ...] in `alignment_heads` order."""
+        parts = []
+        for layer, head in self.alignment_heads:
+            col = self._align_by_layer[layer].index(head)
+            parts.append(scores[layer][:, col])
+        return torch.stack(parts, dim=1)
+
+    @torch.inference_mode()
+    def prefill(
+        self, tokens: Tensor, lengths: Tensor, features: Tensor, first_logit: int = 0
+    ) -> PrefillOutput:
+        rows, t = tokens.shape
+        if not 0 < rows <= self.max_batch:
+            raise EngineError(f"prefill batch must be 1..{self.max_batch} rows, got {rows}")
+        if not 0 < t <= self.n_text_ctx:
+            raise EngineError(f"prefill length must be 1..{self.n_text_ctx}, got {t}")
+        if features.shape[0] != rows or features.shape[1] != self.n_audio_ctx:
+            raise EngineError(f"features {tuple(features.shape)} do not match {rows} rows")
+        if lengths.shape != (rows,) or int(lengths.min()) < 1 or int(lengths.max()) > t:
+            raise EngineError(f"lengths must be [B] in 1..{t}, got {lengths.tolist()}")
+        tokens = tokens.to(self.device)
+        features = features.to(self.device, self.dtype)
+        dec = self.model.decoder
+        x = dec.token_embedding(tokens) + dec.positional_embedding[:t]
+        scores: dict[int, Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            attn, cross = block.attn, block.cross_attn
+            assert cross is not None and block.cross_attn_ln is not None
+            self.cross_k[i, :rows] = cross.key(features)
+            self.cross_v[i, :rows] = cross.value(features)
+            h = block.attn_ln(x)
+            k, v = attn.key(h), attn.value(h)
+            self.self_k[i, :rows, :t] = k
+            self.self_v[i, :rows, :t] = v
+            # Right padding sits after each row's real tokens, so the causal mask alone keeps
+            # real positions from seeing it; padded positions' outputs are never read.
+            out = F.scaled_dot_product_attention(
+                self._split_heads(attn.query(h)),
+                self._split_heads(k),
+                self._split_heads(v),
+                is_causal=True,
+            )
+            x = x + attn.out(self._merge_heads(out))
+            cross_out, qk = self._cross_attention(i, cross, block.cross_attn_ln(x), rows)
+            x = x + cross_out
+            if qk is not None:
+                scores[i] = qk
+            x = x + block.mlp(block.mlp_ln(x))
+        self._rows = rows
+        return PrefillOutput(
+            logits=self._finish(x[:, first_logit:]), alignment_qk=self._stack_alignment(scores)
+        )
+
+    @torch.inference_mode()
+    def decode_step(self, tokens: Tensor, positions: Tensor) -> StepOutput:
+        rows = tokens.shape[0]
+        if rows != self._rows or tokens.shape != (rows, 1) or positions.shape != (rows,):
+            raise EngineError(
+                f"decode_step needs tokens [{self._rows}, 1] and positions [{self._rows}] after "
+                f"prefill, got {tuple(tokens.shape)} and {tuple(positions.shape)}"
+            )
+        tokens = tokens.to(self.device)
+        positions = positions.to(self.device)
+        if int(positions.max()) >= self.n_text_ctx or int(positions.min()) < 0:
+            raise EngineError(f"positions must be < {self.n_text_ctx}, got {positions.tolist()}")
+        dec = self.model.decoder
+        x = dec.token_embedding(tokens) + dec.positional_embedding[positions][:, None]
+        row_index = torch.arange(rows, device=self.device)
+        # [B, 1, 1, n_text_ctx]: each row sees its own past and the token written now
+        visible = (self._cache_index[None, :] <= positions[:, None])[:, None, None, :]
+        scores: dict[int, Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            attn, cross = block.attn, block.cross_attn
+            assert cross is not None and block.cross_attn_ln is not None
+            h = block.attn_ln(x)
+            self.self_k[i, row_index, positions] = attn.key(h)[:, 0]
+            self.self_v[i, row_index, positions] = attn.value(h)[:, 0]
+            out = F.scaled_dot_product_attention(
+                self._split_heads(attn.query(h)),
+                self._split_heads(self.self_k[i, :rows]),
+                self._split_heads(self.self_v[i, :rows]),
+                attn_mask=visible,
+            )
+            x = x + attn.out(self._merge_heads(out))
+            cross_out, qk = self._cross_attention(i, cross, block.cross_attn_ln(x), rows)
+            x = x + cross_out
+            if qk is not None:
+                scores[i] = qk[:, :, 0]
+            x = x + block.mlp(block.mlp_ln(x))
+        return StepOutput(logits=self._finish(x[:, 0]), alignment_qk=self._stack_alignment(scores))
