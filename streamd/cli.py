@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from streamd.errors import ClientError, StreamdError
+from streamd.errors import ClientError, ConfigError, StreamdError
 
 if TYPE_CHECKING:
     from streamd.models.loader import LoadedModel
@@ -102,6 +102,8 @@ def _transcribe(args: argparse.Namespace) -> int:
     from streamd.transcribe import TranscribeOptions, Transcriber
     from streamd.writers import to_json, to_srt, to_txt, to_vtt, write_transcript
 
+    if args.format == "all" and args.output_dir is None:
+        raise ConfigError("--format all needs --output-dir")
     model = _load(args)
     transcriber = Transcriber(model)
     options = TranscribeOptions(
@@ -121,12 +123,15 @@ def _transcribe(args: argparse.Namespace) -> int:
         with _progress(path, enabled=not args.no_progress) as report:
             transcript = transcriber.transcribe(audio, options, progress=report)
         if args.output_dir is not None:
-            written = write_transcript(transcript, args.format or "txt", args.output_dir, path)
+            try:
+                written = write_transcript(transcript, args.format or "txt", args.output_dir, path)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot write to {args.output_dir}: {exc.strerror or exc}"
+                ) from exc
             print(f"streamd: wrote {written}", file=sys.stderr)
             continue
         render = {"srt": to_srt, "vtt": to_vtt, "json": to_json}.get(args.format or "txt", to_txt)
-        if args.format == "all":
-            raise ClientError("--format all needs --output-dir")
         out = render(transcript)
         if not out.endswith("\n") and out:
             out += "\n"

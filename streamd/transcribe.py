@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
+from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
 from streamd.audio import SAMPLE_RATE
 from streamd.decoding.greedy import DecodeRequest, DecodeResult, GreedyDecoder
@@ -64,24 +65,25 @@ class Transcriber:
     ) -> Transcript:
         """Transcribe 16 kHz mono float32 `audio` of any length."""
         options = options or TranscribeOptions()
-        if options.language not in (None, "en") and not self.model.is_multilingual:
+        language = _language_code(options.language)
+        if language not in (None, "en") and not self.model.is_multilingual:
             raise ConfigError(
                 f"model {self.model.name} is English-only; cannot transcribe "
                 f"{options.language!r} (use a multilingual model such as `base`)"
             )
         duration_s = len(audio) / SAMPLE_RATE
         if len(audio) == 0:
-            return Transcript("", (), options.language or "en", 0.0)
+            return Transcript("", (), language or "en", 0.0)
         mel = log_mel_spectrogram(
             torch.from_numpy(audio), self.model.dims.n_mels, padding=N_SAMPLES
         )
         content_frames = mel.shape[-1] - N_FRAMES
-        language = options.language
         prompt: list[int] = []
         if options.prompt:
             prompt = self.model.tokenizer(language or "en").encode(" " + options.prompt.strip())
         segments: list[Segment] = []
         seek = 0
+        _report(progress, 0, content_frames)
         while seek < content_frames:
             window_frames = min(N_FRAMES, content_frames - seek)
             start_sample = seek * HOP_LENGTH
@@ -140,6 +142,8 @@ class Transcriber:
             text = tokenizer.decode([t for t in tokens if t < tokenizer.eot])
             if span.start_s == span.end_s or not text.strip():
                 continue  # openai-whisper clears instantaneous or empty segments too
+            if not any(ch.isalnum() for ch in text):
+                continue  # ". . ." on noise: nothing a reader could use, and not speech
             seg_words = tuple(
                 Word(w.word, offset_s + w.start, offset_s + w.end, w.probability)
                 for w in words
@@ -149,7 +153,8 @@ class Transcriber:
                 Segment(
                     id=first_id + len(out),
                     start=round(offset_s + span.start_s, 3),
-                    end=round(offset_s + span.end_s, 3),
+                    # a timestamp past the real audio (padding) is cut at the window's end
+                    end=round(offset_s + min(span.end_s, window_frames / FRAMES_PER_SECOND), 3),
                     text=text,
                     tokens=tokens,
                     avg_logprob=result.avg_logprob,
@@ -159,6 +164,20 @@ class Transcriber:
                 )
             )
         return out
+
+
+def _language_code(language: str | None) -> str | None:
+    """ISO code for `language` given as a code or an English name, any case; None stays None."""
+    if language is None:
+        return None
+    key = language.strip().lower()
+    code = TO_LANGUAGE_CODE.get(key, key)
+    if code not in LANGUAGES:
+        raise ConfigError(
+            f"unknown language {language!r}; use an ISO code such as en, ja, de, or a name "
+            "such as english"
+        )
+    return code
 
 
 def _is_silence(result: DecodeResult, options: TranscribeOptions) -> bool:

@@ -89,6 +89,8 @@ class _Row:
     sot_index: int
     sample_len: int
     seq: list[int] = field(default_factory=list)
+    # the same tokens as a preallocated tensor, so the rules get a view, not a new tensor per step
+    seq_buffer: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     logprobs: list[float] = field(default_factory=list)
     align: list[torch.Tensor] = field(default_factory=list)
     done: bool = False
@@ -165,13 +167,15 @@ class GreedyDecoder:
         sample_len = min(self.sample_len, n_ctx - len(prefix))
         rules = RowRules.build(tokenizer, len(prefix), timestamps=not request.without_timestamps)
         row = _Row(tokenizer, request, prefix, rules, sot_index, sample_len, seq=list(prefix))
+        row.seq_buffer = torch.zeros(n_ctx + 1, dtype=torch.long)
+        row.seq_buffer[: len(prefix)] = torch.tensor(prefix, dtype=torch.long)
         if request.temperature > 0:
             row.generator = torch.Generator().manual_seed(request.seed)
         return row
 
     def _choose(self, row: _Row, logits: torch.Tensor, align: torch.Tensor) -> int:
         """Apply the rules to one position's logits [V], pick and record the next token."""
-        logits = row.rules.apply(logits.float().clone(), torch.tensor(row.seq))
+        logits = row.rules.apply(logits.float().clone(), row.seq_buffer[: len(row.seq)])
         if row.generator is not None:
             probs = F.softmax(logits / row.request.temperature, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=row.generator))
@@ -184,6 +188,7 @@ class GreedyDecoder:
         if token == eot:
             row.done = True
         else:
+            row.seq_buffer[len(row.seq)] = token
             row.seq.append(token)
             if sampled + 1 >= row.sample_len or len(row.seq) >= self.engine.n_text_ctx:
                 row.done = True  # out of room: keep what we have, as openai-whisper does
