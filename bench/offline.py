@@ -13,6 +13,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,7 +49,11 @@ def _openai(model: LoadedModel, audio: np.ndarray, language: str) -> str:
     return str(result["text"])
 
 
-def _timed(fn, *args) -> tuple[str, float]:  # type: ignore[no-untyped-def]
+def _streamd(transcriber: Transcriber, audio: np.ndarray, options: TranscribeOptions) -> str:
+    return transcriber.transcribe(audio, options).text
+
+
+def _timed(fn: Callable[..., str], *args: object) -> tuple[str, float]:
     start = time.perf_counter()
     out = fn(*args)
     return out, time.perf_counter() - start
@@ -73,7 +78,7 @@ def run(repeats: int) -> list[Row]:
             ours_total = theirs_total = 0.0
             ours_txt, theirs_txt = [], []
             for audio in audios:
-                t, dt = _timed(lambda a: transcriber.transcribe(a, options).text, audio)
+                t, dt = _timed(_streamd, transcriber, audio, options)
                 ours_txt.append(t)
                 ours_total += dt
                 t, dt = _timed(_openai, model, audio, language)

@@ -126,6 +126,11 @@ def test_times_are_ordered_and_inside_the_clip(jfk: Jfk) -> None:
     assert jfk.words[0].start >= 0.0
     assert jfk.words[-1].end <= jfk.duration_s
     assert jfk.words[-1].end > jfk.words[0].start  # not all collapsed to one instant
+    # frames past `n_frames` are never used: told the window holds 6 s, every word fits in 6 s
+    r = jfk.result
+    short = align_words(jfk.tokenizer, r.tokens, r.token_logprobs, r.alignment_qk, 600)
+    assert [w.word for w in short] == [w.word for w in jfk.words]
+    assert max(w.end for w in short) <= 6.0
 
 
 def test_words_land_near_their_true_times(jfk: Jfk) -> None:
