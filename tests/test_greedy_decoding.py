@@ -8,6 +8,8 @@
 3. Draft verification: the previous tokens as draft give the same tokens in exactly one forward
    pass; a draft that goes wrong half way costs one pass per token after the accepted prefix.
 4. Sampling (temperature > 0) is reproducible for one seed, and the seed matters.
+5. A decode that runs into the 448-token context stops where openai-whisper's does; more
+   requests than engine rows come back in order.
 
 Run with `pytest -s` to see the forward passes saved.
 """
@@ -106,15 +108,15 @@ def _plain(
     return model.plain[without_timestamps]
 
 
-def _assert_same(ours: DecodeResult, theirs: DecodingResult) -> None:
+def _assert_same(ours: DecodeResult, theirs: DecodingResult, *, ends_with_eot: bool = True) -> None:
     assert list(ours.tokens) == theirs.tokens
     assert ours.text == theirs.text
     assert ours.language == theirs.language
     assert abs(ours.avg_logprob - theirs.avg_logprob) < TOLERANCE
     assert abs(ours.no_speech_prob - theirs.no_speech_prob) < TOLERANCE
     assert ours.compression_ratio == pytest.approx(theirs.compression_ratio)
-    # one log-probability per sampled token plus EOT's, and they make up the average
-    assert len(ours.token_logprobs) == len(ours.tokens) + 1
+    # one log-probability per sampled token (plus EOT's), and they make up the average
+    assert len(ours.token_logprobs) == len(ours.tokens) + ends_with_eot
     assert ours.avg_logprob == pytest.approx(sum(ours.token_logprobs) / (len(ours.tokens) + 1))
     assert ours.alignment_qk.shape[1:] == (len(ours.tokens) + 1, 1500)
 
@@ -268,6 +270,38 @@ def test_sampling_is_seeded(tiny: Model) -> None:
         assert r.stats.forward_passes == len(r.tokens) + 1
 
 
+def test_more_requests_than_engine_rows_come_back_in_order(tiny: Model) -> None:
+    """Requests beyond the engine's max_batch go in further batches on the same cache."""
+    plain, _ = _plain(tiny, without_timestamps=False)
+    engine = TorchEngine(tiny.loaded.model, tiny.loaded.alignment_heads, max_batch=2)
+    decoder = GreedyDecoder(engine, tiny.loaded.tokenizer, tiny.loaded.is_multilingual)
+    # exact drafts keep it to one prefill per batch; language None: English-only model, so "en"
+    requests = [DecodeRequest(draft=r.tokens) for r in plain]
+    results = decoder.decode(tiny.features, requests)
+    assert [r.tokens for r in results] == [r.tokens for r in plain]
+    assert [r.language for r in results] == ["en"] * len(EN_CLIPS)
+    assert [r.stats.forward_passes for r in results] == [1] * len(EN_CLIPS)
+    for a, p in zip(results, plain, strict=True):
+        assert a.no_speech_prob == pytest.approx(p.no_speech_prob, abs=TOLERANCE)
+
+
 def test_feature_rows_must_match_requests(tiny: Model) -> None:
     with pytest.raises(EngineError, match="feature rows"):
         tiny.decoder.decode(tiny.features, [DecodeRequest(language="en")])
+
+
+def test_decode_that_runs_into_the_context_limit_matches_openai(tiny: Model) -> None:
+    """A full-length prompt (as conditioning on earlier text gives) and a repetition loop."""
+    tokenizer = tiny.loaded.tokenizer()
+    prompt = tuple(tokenizer.encode(" ha" * 300)[:223])  # the most openai keeps: n_ctx // 2 - 1
+    (theirs,) = _openai(
+        tiny, tiny.mel[0], language="en", without_timestamps=True, prompt=list(prompt)
+    )
+    prefix = 1 + len(prompt) + len(tokenizer.sot_sequence_including_notimestamps)
+    assert len(theirs.tokens) == 448 + 1 - prefix  # the loop did run into the context limit
+    # openai's tokens as draft: the whole decode is one prefill, and it must stop where openai did
+    request = DecodeRequest(
+        prompt=prompt, language="en", without_timestamps=True, draft=tuple(theirs.tokens)
+    )
+    (ours,) = tiny.decoder.decode(tiny.features[:1], [request])
+    _assert_same(ours, theirs, ends_with_eot=False)

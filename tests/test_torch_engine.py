@@ -269,8 +269,9 @@ def _bytes_allocated(engine: TorchEngine, positions: list[int]) -> tuple[int, in
 def test_kv_cache_is_preallocated(setup: Setup) -> None:
     engine = setup.engine
     n_layer, d = setup.loaded.dims.n_text_layer, setup.loaded.dims.n_text_state
-    assert engine.self_k.shape == engine.self_v.shape == (n_layer, MAX_BATCH, 448, d)
-    assert engine.cross_k.shape == engine.cross_v.shape == (n_layer, MAX_BATCH, 1500, d)
+    h = engine.n_head
+    assert engine.self_k.shape == engine.self_v.shape == (n_layer, MAX_BATCH, h, 448, d // h)
+    assert engine.cross_k.shape == engine.cross_v.shape == (n_layer, MAX_BATCH, h, 1500, d // h)
     before = _cache_pointers(engine)
     _prefill_then_steps(engine, setup.features, setup.sequences, list(PROMPT_LENGTHS))
     assert _cache_pointers(engine) == before
@@ -342,3 +343,29 @@ def test_bad_shapes_raise_engine_error(setup: Setup) -> None:
     engine.prefill(torch.zeros(1, 1, dtype=torch.long), one, features[:1])
     with pytest.raises(EngineError, match="after prefill"):
         engine.decode_step(step, torch.tensor([1, 1]))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "features of another model's width",
+        "tokens without a batch dimension",
+        "negative first_logit",
+        "first_logit past the last token",
+    ],
+)
+def test_malformed_prefill_raises_engine_error(setup: Setup, case: str) -> None:
+    engine, features = setup.engine, setup.features[:1]
+    tokens, lengths = torch.zeros(1, 3, dtype=torch.long), torch.tensor([3])
+    first_logit = 0
+    match case:
+        case "features of another model's width":
+            features = torch.zeros(1, 1500, 512)  # base's d_model into a tiny.en engine
+        case "tokens without a batch dimension":
+            tokens = tokens[0]
+        case "negative first_logit":
+            first_logit = -1
+        case "first_logit past the last token":
+            first_logit = 3
+    with pytest.raises(EngineError):
+        engine.prefill(tokens, lengths, features, first_logit=first_logit)

@@ -164,7 +164,8 @@ class GreedyDecoder:
         prefix.extend(tokenizer.sot_sequence)
         if request.without_timestamps:
             prefix.append(tokenizer.no_timestamps)
-        sample_len = min(self.sample_len, n_ctx - len(prefix))
+        # openai-whisper samples until the sequence is n_ctx + 1 long (the last token is never fed)
+        sample_len = min(self.sample_len, n_ctx + 1 - len(prefix))
         rules = RowRules.build(tokenizer, len(prefix), timestamps=not request.without_timestamps)
         row = _Row(tokenizer, request, prefix, rules, sot_index, sample_len, seq=list(prefix))
         row.seq_buffer = torch.zeros(n_ctx + 1, dtype=torch.long)
@@ -190,7 +191,7 @@ class GreedyDecoder:
         else:
             row.seq_buffer[len(row.seq)] = token
             row.seq.append(token)
-            if sampled + 1 >= row.sample_len or len(row.seq) >= self.engine.n_text_ctx:
+            if sampled + 1 >= row.sample_len or len(row.seq) > self.engine.n_text_ctx:
                 row.done = True  # out of room: keep what we have, as openai-whisper does
         return token
 

@@ -2,9 +2,10 @@
 
 The encoder is openai-whisper's module as is. The decoder reuses the module's weights but not its
 forward: openai-whisper grows its KV cache with `torch.cat` every step, we write into a cache
-preallocated once per engine (self-attention [layers, max_batch, n_text_ctx, d], cross-attention
-[layers, max_batch, n_audio_ctx, d]) at per-row positions, so rows of one batch may belong to
-different streams at different lengths, and nothing in the decode loop grows with the sequence.
+preallocated once per engine (self-attention [layers, max_batch, heads, n_text_ctx, d/heads],
+cross-attention [layers, max_batch, heads, n_audio_ctx, d/heads]) at per-row positions, so rows
+of one batch may belong to different streams at different lengths, and nothing in the decode
+loop grows with the sequence.
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ class TorchEngine:
         for layer, head in alignment_heads:
             self._align_by_layer.setdefault(layer, []).append(head)
 
-        n_layer, d = dims.n_text_layer, dims.n_text_state
+        # Stored split by head: attention reads them as [B, H, T, d/H] without a copy per step.
+        n_layer, h, hd = dims.n_text_layer, self.n_head, self.head_dim
         kw = {"device": self.device, "dtype": self.dtype}
-        self.self_k = torch.zeros(n_layer, max_batch, self.n_text_ctx, d, **kw)
+        self.self_k = torch.zeros(n_layer, max_batch, h, self.n_text_ctx, hd, **kw)
         self.self_v = torch.zeros_like(self.self_k)
-        self.cross_k = torch.zeros(n_layer, max_batch, self.n_audio_ctx, d, **kw)
+        self.cross_k = torch.zeros(n_layer, max_batch, h, self.n_audio_ctx, hd, **kw)
         self.cross_v = torch.zeros_like(self.cross_k)
         self._cache_index = torch.arange(self.n_text_ctx, device=self.device)
         self._rows = 0  # rows filled by the last prefill
@@ -80,8 +82,8 @@ class TorchEngine:
     ) -> tuple[Tensor, Tensor | None]:
         """Attend to the cached audio K/V; return the alignment heads' raw scores if any."""
         q = self._split_heads(attn.query(x))
-        k = self._split_heads(self.cross_k[layer, :rows])
-        v = self._split_heads(self.cross_v[layer, :rows])
+        k = self.cross_k[layer, :rows]
+        v = self.cross_v[layer, :rows]
         heads = self._align_by_layer.get(layer)
         if heads is None:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -106,13 +108,18 @@ class TorchEngine:
     def prefill(
         self, tokens: Tensor, lengths: Tensor, features: Tensor, first_logit: int = 0
     ) -> PrefillOutput:
+        if tokens.ndim != 2:
+            raise EngineError(f"tokens must be [B, T], got {tuple(tokens.shape)}")
         rows, t = tokens.shape
         if not 0 < rows <= self.max_batch:
             raise EngineError(f"prefill batch must be 1..{self.max_batch} rows, got {rows}")
         if not 0 < t <= self.n_text_ctx:
             raise EngineError(f"prefill length must be 1..{self.n_text_ctx}, got {t}")
-        if features.shape[0] != rows or features.shape[1] != self.n_audio_ctx:
-            raise EngineError(f"features {tuple(features.shape)} do not match {rows} rows")
+        expected = (rows, self.n_audio_ctx, self.n_head * self.head_dim)
+        if tuple(features.shape) != expected:
+            raise EngineError(f"features must be {list(expected)}, got {tuple(features.shape)}")
+        if not 0 <= first_logit < t:
+            raise EngineError(f"first_logit must be in 0..{t - 1}, got {first_logit}")
         if lengths.shape != (rows,) or int(lengths.min()) < 1 or int(lengths.max()) > t:
             raise EngineError(f"lengths must be [B] in 1..{t}, got {lengths.tolist()}")
         tokens = tokens.to(self.device)
@@ -123,19 +130,16 @@ class TorchEngine:
         for i, block in enumerate(self.blocks):
             attn, cross = block.attn, block.cross_attn
             assert cross is not None and block.cross_attn_ln is not None
-            self.cross_k[i, :rows] = cross.key(features)
-            self.cross_v[i, :rows] = cross.value(features)
+            self.cross_k[i, :rows] = self._split_heads(cross.key(features))
+            self.cross_v[i, :rows] = self._split_heads(cross.value(features))
             h = block.attn_ln(x)
-            k, v = attn.key(h), attn.value(h)
-            self.self_k[i, :rows, :t] = k
-            self.self_v[i, :rows, :t] = v
+            k, v = self._split_heads(attn.key(h)), self._split_heads(attn.value(h))
+            self.self_k[i, :rows, :, :t] = k
+            self.self_v[i, :rows, :, :t] = v
             # Right padding sits after each row's real tokens, so the causal mask alone keeps
             # real positions from seeing it; padded positions' outputs are never read.
             out = F.scaled_dot_product_attention(
-                self._split_heads(attn.query(h)),
-                self._split_heads(k),
-                self._split_heads(v),
-                is_causal=True,
+                self._split_heads(attn.query(h)), k, v, is_causal=True
             )
             x = x + attn.out(self._merge_heads(out))
             cross_out, qk = self._cross_attention(i, cross, block.cross_attn_ln(x), rows)
@@ -170,12 +174,13 @@ class TorchEngine:
             attn, cross = block.attn, block.cross_attn
             assert cross is not None and block.cross_attn_ln is not None
             h = block.attn_ln(x)
-            self.self_k[i, row_index, positions] = attn.key(h)[:, 0]
-            self.self_v[i, row_index, positions] = attn.value(h)[:, 0]
+            # [B, H, d/H] written at each row's own position
+            self.self_k[i, row_index, :, positions] = self._split_heads(attn.key(h))[:, :, 0]
+            self.self_v[i, row_index, :, positions] = self._split_heads(attn.value(h))[:, :, 0]
             out = F.scaled_dot_product_attention(
                 self._split_heads(attn.query(h)),
-                self._split_heads(self.self_k[i, :rows]),
-                self._split_heads(self.self_v[i, :rows]),
+                self.self_k[i, :rows],
+                self.self_v[i, :rows],
                 attn_mask=visible,
             )
             x = x + attn.out(self._merge_heads(out))
