@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from streamd.errors import ClientError, ConfigError, StreamdError
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from streamd.decoding.result import Transcript
     from streamd.models.loader import LoadedModel
 
 EXIT_OK = 0
@@ -100,7 +103,6 @@ def _load(args: argparse.Namespace) -> LoadedModel:
 def _transcribe(args: argparse.Namespace) -> int:
     from streamd.audio import load_audio
     from streamd.transcribe import TranscribeOptions, Transcriber
-    from streamd.writers import to_json, to_srt, to_txt, to_vtt, write_transcript
 
     if args.format == "all" and args.output_dir is None:
         raise ConfigError("--format all needs --output-dir")
@@ -112,43 +114,56 @@ def _transcribe(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         word_timestamps=args.word_timestamps or args.format in ("json", "all"),
     )
+    loaded: list[Path] = []
     failures = 0
-    for path in args.files:
-        try:
-            audio = load_audio(path)
-        except ClientError as exc:
-            print(f"streamd: error: {exc}", file=sys.stderr)
-            failures += 1
-            continue
-        with _progress(path, enabled=not args.no_progress) as report:
-            transcript = transcriber.transcribe(audio, options, progress=report)
-        if args.output_dir is not None:
+
+    def audios() -> Iterator[np.ndarray]:
+        nonlocal failures
+        for path in args.files:
             try:
-                written = write_transcript(transcript, args.format or "txt", args.output_dir, path)
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot write to {args.output_dir}: {exc.strerror or exc}"
-                ) from exc
-            print(f"streamd: wrote {written}", file=sys.stderr)
-            continue
-        render = {"srt": to_srt, "vtt": to_vtt, "json": to_json}.get(args.format or "txt", to_txt)
-        out = render(transcript)
-        if not out.endswith("\n") and out:
-            out += "\n"
-        sys.stdout.write(out if args.format else transcript.text + "\n")
-        sys.stdout.flush()
+                audio = load_audio(path)
+            except ClientError as exc:  # report, and go on with the other files
+                print(f"streamd: error: {exc}", file=sys.stderr)
+                failures += 1
+                continue
+            loaded.append(path)
+            yield audio
+
+    label = args.files[0].name if len(args.files) == 1 else f"{len(args.files)} files"
+    with _progress(label, enabled=not args.no_progress) as report:
+        # windows of different files are decoded as one batch; results come in input order
+        for index, transcript in enumerate(transcriber.transcribe_many(audios(), options, report)):
+            _emit(transcript, loaded[index], args)
     return EXIT_ERROR if failures else EXIT_OK
+
+
+def _emit(transcript: Transcript, path: Path, args: argparse.Namespace) -> None:
+    from streamd.writers import to_json, to_srt, to_txt, to_vtt, write_transcript
+
+    if args.output_dir is not None:
+        try:
+            written = write_transcript(transcript, args.format or "txt", args.output_dir, path)
+        except OSError as exc:
+            raise ConfigError(f"cannot write to {args.output_dir}: {exc.strerror or exc}") from exc
+        print(f"streamd: wrote {written}", file=sys.stderr)
+        return
+    render = {"srt": to_srt, "vtt": to_vtt, "json": to_json}.get(args.format or "txt", to_txt)
+    out = render(transcript)
+    if not out.endswith("\n") and out:
+        out += "\n"
+    sys.stdout.write(out if args.format else transcript.text + "\n")
+    sys.stdout.flush()
 
 
 class _progress:
     """A tqdm bar on stderr when it is a terminal; a no-op callback otherwise."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, label: str, enabled: bool) -> None:
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=None, unit="s", desc=path.name, leave=False, file=sys.stderr)
+            self.bar = tqdm(total=None, unit="s", desc=label, leave=False, file=sys.stderr)
 
     def __enter__(self) -> Callable[[int, int], None]:
         return self.report

@@ -7,8 +7,8 @@ no-speech skip rule), so its output is comparable token for token; the work runs
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -49,8 +49,51 @@ class TranscribeOptions:
 ProgressCallback = Callable[[int, int], None]  # (frames done, frames total)
 
 
+@dataclass
+class _FileJob:
+    """One recording's progress through its windows (mutable; internal to `Transcriber`)."""
+
+    audio: np.ndarray
+    mel: torch.Tensor
+    content_frames: int
+    language: str | None
+    prompt: list[int]
+    seek: int = 0
+    segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.seek >= self.content_frames
+
+    @property
+    def window_frames(self) -> int:
+        return min(N_FRAMES, self.content_frames - self.seek)
+
+    def window_is_silent(self) -> bool:
+        start = self.seek * HOP_LENGTH
+        return _rms_dbfs(self.audio[start : start + self.window_frames * HOP_LENGTH]) < (
+            SILENCE_RMS_DBFS
+        )
+
+    def transcript(self, default_language: str | None) -> Transcript:
+        text = "".join(s.text for s in self.segments).strip()
+        language = self.language or default_language or "en"
+        return Transcript(text, tuple(self.segments), language, len(self.audio) / SAMPLE_RATE)
+
+    def window_mel(self) -> torch.Tensor:
+        return pad_or_trim(self.mel[:, self.seek : self.seek + self.window_frames], N_FRAMES)
+
+
 class Transcriber:
-    """Transcribes whole recordings with one model; reuse it across files."""
+    """Transcribes whole recordings with one model; reuse it across files.
+
+    Windows of one file depend on each other (the next starts where the last timestamp ended and
+    is prompted with the text so far), but windows of different files do not: `transcribe_many`
+    decodes the current window of every file as one batch. A decode step at batch size B costs
+    little more than at 1 on CPU (it is bound by reading the 51,864-row vocabulary projection),
+    so a folder of files is transcribed several times faster than file by file, with output
+    identical to transcribing each file alone.
+    """
 
     def __init__(self, model: LoadedModel, engine: Engine | None = None) -> None:
         self.model = model
@@ -64,6 +107,20 @@ class Transcriber:
         progress: ProgressCallback | None = None,
     ) -> Transcript:
         """Transcribe 16 kHz mono float32 `audio` of any length."""
+        return next(self.transcribe_many([audio], options, progress))
+
+    def transcribe_many(
+        self,
+        audios: Iterable[np.ndarray],
+        options: TranscribeOptions | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> Iterator[Transcript]:
+        """Transcripts of several recordings, in input order, their windows batched together.
+
+        At most `engine.max_batch` recordings are held at once: the next is taken from `audios`
+        (which may be a lazy generator) when one finishes, so memory stays bounded for any
+        number of files. `progress` gets (frames done, frames of the recordings taken so far).
+        """
         options = options or TranscribeOptions()
         language = _language_code(options.language)
         if language not in (None, "en") and not self.model.is_multilingual:
@@ -71,52 +128,86 @@ class Transcriber:
                 f"model {self.model.name} is English-only; cannot transcribe "
                 f"{options.language!r} (use a multilingual model such as `base`)"
             )
-        duration_s = len(audio) / SAMPLE_RATE
-        if len(audio) == 0:
-            return Transcript("", (), language or "en", 0.0)
+        source = iter(audios)
+        active: list[tuple[int, _FileJob]] = []
+        finished: dict[int, Transcript] = {}
+        taken = emitted = done_frames = total_frames = 0
+        exhausted = False
+        _report(progress, 0, 0)
+        while True:
+            while not exhausted and len(active) < self.engine.max_batch:
+                audio = next(source, None)
+                if audio is None:
+                    exhausted = True
+                    break
+                job = self._new_job(audio, language, options)
+                total_frames += job.content_frames
+                active.append((taken, job))
+                taken += 1
+            for _, job in active:
+                while not job.done and job.window_is_silent():
+                    job.seek += job.window_frames  # no speech here: costs nothing
+            if ready := [j for _, j in active if not j.done]:
+                self._step(ready, options)
+            for index, job in [(i, j) for i, j in active if j.done]:
+                finished[index] = job.transcript(language)
+                done_frames += job.content_frames
+                active.remove((index, job))
+            in_flight = sum(min(j.seek, j.content_frames) for _, j in active)
+            _report(progress, done_frames + in_flight, total_frames)
+            while emitted in finished:
+                yield finished.pop(emitted)
+                emitted += 1
+            if exhausted and not active:
+                return
+
+    def _new_job(
+        self, audio: np.ndarray, language: str | None, options: TranscribeOptions
+    ) -> _FileJob:
         mel = log_mel_spectrogram(
             torch.from_numpy(audio), self.model.dims.n_mels, padding=N_SAMPLES
         )
-        content_frames = mel.shape[-1] - N_FRAMES
         prompt: list[int] = []
         if options.prompt:
             prompt = self.model.tokenizer(language or "en").encode(" " + options.prompt.strip())
-        segments: list[Segment] = []
-        seek = 0
-        _report(progress, 0, content_frames)
-        while seek < content_frames:
-            window_frames = min(N_FRAMES, content_frames - seek)
-            start_sample = seek * HOP_LENGTH
-            chunk = audio[start_sample : start_sample + window_frames * HOP_LENGTH]
-            if _rms_dbfs(chunk) < SILENCE_RMS_DBFS:
-                seek += window_frames
-                _report(progress, seek, content_frames)
-                continue
-            features = self.engine.encode(
-                pad_or_trim(mel[:, seek : seek + window_frames], N_FRAMES)[None]
-            )
-            if language is None:
-                language = self.decoder.detect_language(features)[0][0]
-            request = DecodeRequest(
-                prompt=tuple(prompt) if options.condition_on_previous_text or seek == 0 else (),
-                language=language,
+        content_frames = mel.shape[-1] - N_FRAMES if len(audio) else 0
+        return _FileJob(audio, mel, content_frames, language, prompt)
+
+    def _step(self, jobs: list[_FileJob], options: TranscribeOptions) -> None:
+        """Decode the current window of each job as one batch and advance each job."""
+        features = self.engine.encode(torch.stack([j.window_mel() for j in jobs]))
+        undetected = [i for i, j in enumerate(jobs) if j.language is None]
+        if undetected:
+            detected = self.decoder.detect_language(features[undetected])
+            for i, (lang, _) in zip(undetected, detected, strict=True):
+                jobs[i].language = lang
+        requests = [
+            DecodeRequest(
+                prompt=tuple(j.prompt) if options.condition_on_previous_text or j.seek == 0 else (),
+                language=j.language,
                 task=options.task,
             )
-            result = self.decoder.decode(features, [request])[0]
+            for j in jobs
+        ]
+        for job, result in zip(jobs, self.decoder.decode(features, requests), strict=True):
             if _is_silence(result, options):
-                seek += window_frames
-                _report(progress, seek, content_frames)
+                job.seek += job.window_frames
                 continue
-            offset_s = seek / FRAMES_PER_SECOND
-            split = split_window(result.tokens, self._timestamp_begin(language), window_frames)
-            new = self._segments(result, split, offset_s, window_frames, len(segments), options)
-            segments.extend(new)
+            split = split_window(
+                result.tokens, self._timestamp_begin(job.language), job.window_frames
+            )
+            new = self._segments(
+                result,
+                split,
+                job.seek / FRAMES_PER_SECOND,
+                job.window_frames,
+                len(job.segments),
+                options,
+            )
+            job.segments.extend(new)
             for seg in new:
-                prompt.extend(seg.tokens)
-            seek += split.consumed_frames
-            _report(progress, seek, content_frames)
-        text = "".join(s.text for s in segments).strip()
-        return Transcript(text, tuple(segments), language or "en", duration_s)
+                job.prompt.extend(seg.tokens)
+            job.seek += split.consumed_frames
 
     def _timestamp_begin(self, language: str | None) -> int:
         return int(self.model.tokenizer(language).timestamp_begin)

@@ -283,3 +283,45 @@ def test_quiet_white_noise_gives_no_words(tiny: Transcriber) -> None:
     assert transcript.text == "", transcript.text
     assert transcript.segments == ()
     assert transcript.duration_s == pytest.approx(20.0)
+
+
+def test_batched_files_equal_each_file_alone(
+    tiny: Transcriber,
+    jfk: Transcript,
+    jfk_audio: np.ndarray,
+    harvard_audio: np.ndarray,
+    harvard_run: tuple[Transcript, Any],
+) -> None:
+    harvard, _ = harvard_run
+    short = load_audio(shared_audio_dir() / "en" / "librispeech_a_man_said.flac")
+    alone_short = tiny.transcribe(short)
+    # the harvard file has two windows; the others finish after one and leave the batch
+    together = list(tiny.transcribe_many([jfk_audio, harvard_audio, short]))
+    for got, want in zip(together, [jfk, harvard, alone_short], strict=True):
+        assert got.text == want.text
+        assert [(g.tokens, g.start, g.end) for g in got.segments] == [
+            (w.tokens, w.start, w.end) for w in want.segments
+        ]
+        for g, w in zip(got.segments, want.segments, strict=True):
+            # batched matmuls round differently in the last bits; tokens above are identical
+            assert g.avg_logprob == pytest.approx(w.avg_logprob, abs=1e-4)
+            assert g.no_speech_prob == pytest.approx(w.no_speech_prob, abs=1e-4)
+
+
+def test_transcribe_many_takes_recordings_lazily(tiny: Transcriber, jfk_audio: np.ndarray) -> None:
+    taken = 0
+    max_in_memory = 0
+    emitted = 0
+
+    def source() -> Any:
+        nonlocal taken, max_in_memory
+        for _ in range(tiny.engine.max_batch + 3):
+            taken += 1
+            max_in_memory = max(max_in_memory, taken - emitted)
+            yield jfk_audio[: SAMPLE_RATE * 2]
+
+    for transcript in tiny.transcribe_many(source()):
+        emitted += 1
+        assert transcript.duration_s == pytest.approx(2.0)
+    assert emitted == tiny.engine.max_batch + 3
+    assert max_in_memory <= tiny.engine.max_batch + 1
