@@ -305,3 +305,23 @@ def test_decode_that_runs_into_the_context_limit_matches_openai(tiny: Model) -> 
     )
     (ours,) = tiny.decoder.decode(tiny.features[:1], [request])
     _assert_same(ours, theirs, ends_with_eot=False)
+
+
+def test_forced_prefix_continues_like_plain_greedy(tiny: Model) -> None:
+    """Forcing the first half of the greedy output yields exactly the second half."""
+    plain = tiny.decoder.decode(
+        tiny.features, [DecodeRequest(language="en", without_timestamps=True)] * 3
+    )
+    forced = [r.tokens[: len(r.tokens) // 2] for r in plain]
+    out = tiny.decoder.decode(
+        tiny.features,
+        [DecodeRequest(language="en", without_timestamps=True, forced=f) for f in forced],
+    )
+    for p, f, o in zip(plain, forced, out, strict=True):
+        assert o.forced == f
+        assert f + o.tokens == p.tokens
+        # forced tokens are scored too: the same log-probs greedy decoding gave them, except
+        # that greedy's first token was also renormalised without blank/EOT (SuppressBlank)
+        assert o.forced_logprobs[1:] == pytest.approx(p.token_logprobs[1 : len(f)], abs=1e-4)
+        assert o.forced_logprobs[0] == pytest.approx(p.token_logprobs[0], abs=2e-3)
+        assert o.alignment_qk.shape[1] == len(f) + len(o.tokens) + 1

@@ -32,12 +32,15 @@ class DecodeRequest:
     """One window to decode; `features` row i of the batch goes with request i.
 
     prompt: earlier text tokens, sent after `<|startofprev|>` (the last n_text_ctx/2 - 1 kept).
+    forced: tokens the output must start with (after the SOT sequence): text already committed
+        for this window; they are prefilled, never re-decoded, and cannot change.
     draft: the previous hypothesis for this window (sampled tokens, no EOT); greedy only.
     language: ISO code, or None to detect it (multilingual models; English-only models use en).
     temperature: 0 is greedy; > 0 samples (seeded by `seed`), ignoring the draft.
     """
 
     prompt: tuple[int, ...] = ()
+    forced: tuple[int, ...] = ()
     draft: tuple[int, ...] = ()
     language: str | None = None
     task: str = "transcribe"
@@ -61,8 +64,10 @@ class DecodeStats:
 class DecodeResult:
     """tokens: sampled tokens without EOT (text and timestamp tokens).
     token_logprobs: log-probability of each sampled token (EOT's, if any, last and extra).
-    alignment_qk: float32 [A, len(tokens) + 1, n_audio_ctx], the alignment heads' raw scores at
-    the position that predicted each token (the last row predicted the token after them).
+    forced / forced_logprobs: the request's forced tokens and their log-probabilities.
+    alignment_qk: float32 [A, len(forced) + len(tokens) + 1, n_audio_ctx], the alignment heads'
+    raw scores at the position that predicted each forced and sampled token (the last row
+    predicted the token after them).
     """
 
     tokens: tuple[int, ...]
@@ -73,6 +78,8 @@ class DecodeResult:
     no_speech_prob: float
     compression_ratio: float
     token_logprobs: tuple[float, ...]
+    forced: tuple[int, ...]
+    forced_logprobs: tuple[float, ...]
     alignment_qk: np.ndarray
     sample_begin: int
     stats: DecodeStats
@@ -93,6 +100,7 @@ class _Row:
     seq_buffer: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     logprobs: list[float] = field(default_factory=list)
     align: list[torch.Tensor] = field(default_factory=list)
+    forced_logprobs: list[float] = field(default_factory=list)
     done: bool = False
     pending: bool = False  # last token of `seq` still has to be fed through decode_step
     passes: int = 1
@@ -164,6 +172,7 @@ class GreedyDecoder:
         prefix.extend(tokenizer.sot_sequence)
         if request.without_timestamps:
             prefix.append(tokenizer.no_timestamps)
+        prefix.extend(request.forced)
         # openai-whisper samples until the sequence is n_ctx + 1 long (the last token is never fed)
         sample_len = min(self.sample_len, n_ctx + 1 - len(prefix))
         rules = RowRules.build(tokenizer, len(prefix), timestamps=not request.without_timestamps)
@@ -211,6 +220,15 @@ class GreedyDecoder:
             probs = out.logits[i, row.sot_index - first].float().softmax(dim=-1)
             ns = row.tokenizer.no_speech
             no_speech.append(float(probs[ns]) if ns is not None else 0.0)
+            # forced tokens: their alignment rows and log-probs come from the prefill
+            for pos in range(row.sample_begin - len(row.request.forced) - 1, row.sample_begin - 1):
+                row.align.append(out.alignment_qk[i, :, pos])
+                # scored under the same rules as sampled tokens, so probabilities compare
+                logits = row.rules.apply(
+                    out.logits[i, pos - first].float().clone(), row.seq_buffer[: pos + 1]
+                )
+                logprobs = logits.log_softmax(dim=-1)
+                row.forced_logprobs.append(float(logprobs[row.seq[pos + 1]]))
             # verify the draft: take the greedy choice at each position while it agrees
             for j in range(len(draft) + 1):
                 pos = len(row.seq) - 1
@@ -241,7 +259,8 @@ class GreedyDecoder:
         text = row.tokenizer.decode([t for t in sampled if t < row.tokenizer.eot]).strip()
         total = sum(row.logprobs)
         align = torch.stack(row.align, dim=1) if row.align else torch.zeros(0)
-        if len(row.align) == len(sampled):  # stopped for length: no row predicted what follows
+        if len(row.align) == len(row.request.forced) + len(sampled):
+            # stopped for length: no row predicted what follows; repeat the last one
             align = torch.cat([align, align[:, -1:]], dim=1)
         return DecodeResult(
             tokens=sampled,
@@ -252,6 +271,8 @@ class GreedyDecoder:
             no_speech_prob=no_speech_prob,
             compression_ratio=compression_ratio(text) if text else 0.0,
             token_logprobs=tuple(row.logprobs),
+            forced=row.request.forced,
+            forced_logprobs=tuple(row.forced_logprobs),
             alignment_qk=align.float().cpu().numpy(),
             sample_begin=row.sample_begin,
             stats=DecodeStats(row.passes, draft_len, row.accepted),
