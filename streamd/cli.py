@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--word-timestamps", action="store_true", help="word times in json output")
     t.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
+    from streamd import replay_cli
+
+    replay_cli.add_parser(sub, _add_model_flags)
+
     m = sub.add_parser("models", help="list and manage models")
     msub = m.add_subparsers(dest="models_command", required=True)
     msub.add_parser("list", help="built-in and imported models and where they come from")
@@ -65,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "transcribe":
             return _transcribe(args)
+        if args.command == "replay":
+            from streamd import replay_cli
+
+            return replay_cli.run(args, _load)
         return _models(args)
     except StreamdError as exc:
         print(f"streamd: error: {exc}", file=sys.stderr)

@@ -28,3 +28,8 @@ class ModelError(ConfigError):
 
 class EngineError(StreamdError):
     """The inference engine failed (shape mismatch, backend error, out of memory)."""
+
+
+class SessionStateError(StreamdError):
+    """A session was driven out of order (a result for a request it did not issue, audio after
+    the end of the stream). A bug in the driver, not in the audio."""

@@ -25,14 +25,16 @@ MAX_DURATION_MEDIANS = 2.0
 
 @dataclass(frozen=True)
 class TimedWord:
-    """A word, window-relative times in seconds, mean token probability, and the index (into the
-    sampled tokens) of its first token, which tells which segment it belongs to."""
+    """A word, window-relative times in seconds, mean token probability, its tokens, and the
+    index (into the tokens given to `align_words`) of its first token, which tells which segment
+    it belongs to."""
 
     word: str
     start: float
     end: float
     probability: float
     first_token: int
+    tokens: tuple[int, ...] = ()
 
 
 def align_words(
@@ -72,13 +74,18 @@ def align_words(
         )
     ]
     _clip_long_edges(timings)
-    starts = [text_idx[a] for a in boundaries[:-1]]
     merge_punctuations(timings, PREPEND_PUNCTUATIONS, APPEND_PUNCTUATIONS)
-    return [
-        TimedWord(t.word, round(t.start, 3), round(t.end, 3), round(t.probability, 4), first)
-        for t, first in zip(timings, starts, strict=True)
-        if t.word
-    ]
+    out: list[TimedWord] = []
+    consumed = 0  # text tokens before this word: merged words stay contiguous and in order
+    for t in timings:
+        if t.word:
+            first = text_idx[consumed]
+            start, end = round(t.start, 3), round(t.end, 3)
+            out.append(
+                TimedWord(t.word, start, end, round(t.probability, 4), first, tuple(t.tokens))
+            )
+        consumed += len(t.tokens)
+    return out
 
 
 def _clip_long_edges(timings: list[WordTiming]) -> None:

@@ -1,0 +1,121 @@
+"""`streamd replay FILE`: a recording through the live pipeline, as captions or JSONL."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from streamd.errors import ConfigError
+
+
+def add_parser(sub: argparse._SubParsersAction, add_model_flags) -> None:  # type: ignore[no-untyped-def]
+    r = sub.add_parser("replay", help="stream a file through the live pipeline")
+    r.add_argument("file", type=Path)
+    add_model_flags(r)
+    r.add_argument("--realtime", action="store_true", help="feed at wall-clock pace")
+    r.add_argument("--jsonl", action="store_true", help="one protocol v1 event per line")
+    r.add_argument("--prompt", default=None, help="vocabulary prompt for this stream")
+    r.add_argument("--step-ms", type=int, default=None, help="decode every N ms of new speech")
+    r.add_argument(
+        "--format", choices=("srt", "vtt"), default=None, help="also write finals as subtitles"
+    )
+    r.add_argument("--output-dir", type=Path, default=None)
+
+
+class _Captions:
+    """Terminal captions: the partial rewrites the current line (dimmed), finals are committed,
+    one utterance per line. A pipe gets only the committed lines."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.line = ""
+        self.tty = out.isatty()
+
+    def show(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "final":
+            self.line += message["text"]
+            self._render("")
+        elif kind == "partial":
+            self._render(message["text"])
+        elif kind == "speech_ended":
+            self.close_line()
+
+    def close_line(self) -> None:
+        if self.line.strip():
+            if self.tty:
+                self._render("")
+                self.out.write("\n")
+            else:
+                self.out.write(self.line.strip() + "\n")
+        self.line = ""
+        self.out.flush()
+
+    def _render(self, partial: str) -> None:
+        if self.tty:
+            dim = f"\x1b[2m{partial}\x1b[0m" if partial else ""
+            self.out.write(f"\r\x1b[K{self.line.strip()}{dim}")
+            self.out.flush()
+
+
+def run(args: argparse.Namespace, load) -> int:  # type: ignore[no-untyped-def]
+    from streamd.audio import load_audio
+    from streamd.decoding.result import Segment, Transcript
+    from streamd.protocol import event_message
+    from streamd.streaming.config import SessionConfig
+    from streamd.streaming.events import Final
+    from streamd.streaming.replay import Emitted, replay_realtime, replay_virtual
+    from streamd.streaming.session import Session
+    from streamd.streaming.window_decoder import WindowDecoder
+    from streamd.writers import write_transcript
+
+    if args.format and args.output_dir is None:
+        raise ConfigError("--format needs --output-dir")
+    audio = load_audio(args.file)
+    model = load(args)
+    decoder = WindowDecoder(model)
+    config = SessionConfig() if args.step_ms is None else SessionConfig(step_ms=args.step_ms)
+    vocabulary: tuple[int, ...] = ()
+    if args.prompt:
+        vocabulary = tuple(model.tokenizer(args.language).encode(" " + args.prompt.strip()))
+    session = Session(config, language=args.language, vocabulary=vocabulary)
+    captions = _Captions(sys.stdout)
+    seq = 0
+    finals: list[Final] = []
+
+    def on_event(item: Emitted) -> None:
+        nonlocal seq
+        seq += 1
+        message = event_message(item.event, seq)
+        if isinstance(item.event, Final):
+            finals.append(item.event)
+        if args.jsonl:
+            message["emitted_at"] = round(item.emitted_at, 3)
+            sys.stdout.write(json.dumps(message, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+        else:
+            captions.show(message)
+
+    if args.realtime:
+        asyncio.run(replay_realtime(session, audio, decoder.decode, on_event=on_event))
+    else:
+        for item in replay_virtual(session, audio, decoder.decode):
+            on_event(item)
+    if not args.jsonl:
+        captions.close_line()
+    if args.format:
+        segments = tuple(
+            Segment(
+                f.segment, f.start, f.end, f.text, (), f.avg_logprob, f.no_speech_prob, 0.0, f.words
+            )
+            for f in finals
+        )
+        text = "".join(f.text for f in finals).strip()
+        transcript = Transcript(text, segments, session.language or "en", len(audio) / 16000)
+        written = write_transcript(transcript, args.format, args.output_dir, args.file)
+        print(f"streamd: wrote {written}", file=sys.stderr)
+    return 0

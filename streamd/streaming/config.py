@@ -1,0 +1,49 @@
+"""Streaming policy settings (units in the names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from streamd.streaming.guards import GuardConfig
+from streamd.vad import VadConfig
+
+MAX_WINDOW_S = 30.0  # Whisper's receptive field
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How a session cuts speech into windows and when it commits words.
+
+    step_ms: decode again after this much new speech (audio time; under load, steps grow).
+    min_window_ms: no decode before an utterance has this much audio.
+    unstable_tail_ms: words ending this close to the window's end are never committed early.
+    trim_after_s: once the window holds this much committed audio, cut it off (it moves to the
+        prompt), so windows overlap only by the uncommitted tail.
+    force_commit_s: a window this long commits what it has without waiting for agreement.
+    prompt_tokens: committed tokens kept as `<|startofprev|>` context.
+    idle_finalize_ms: wall time without audio, mid-utterance, after which it is finalized
+        (a client that stops sending without `end`).
+    context_gap_s: an utterance after a longer pause starts a fresh window (earlier speech
+        stays in the text prompt only).
+    """
+
+    vad: VadConfig = field(default_factory=VadConfig)
+    guards: GuardConfig = field(default_factory=GuardConfig)
+    step_ms: int = 500
+    min_window_ms: int = 300
+    unstable_tail_ms: int = 500
+    trim_after_s: float = 10.0
+    force_commit_s: float = 25.0
+    prompt_tokens: int = 200
+    idle_finalize_ms: int = 2000
+    context_gap_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        from streamd.errors import ConfigError
+
+        if not 0 < self.force_commit_s <= MAX_WINDOW_S - 1:
+            raise ConfigError(f"force_commit_s must be in (0, {MAX_WINDOW_S - 1}]")
+        if self.step_ms <= 0 or self.min_window_ms < 0 or self.unstable_tail_ms < 0:
+            raise ConfigError("step_ms must be positive; min_window_ms, unstable_tail_ms >= 0")
+        if not 0 < self.trim_after_s <= self.force_commit_s:
+            raise ConfigError("trim_after_s must be in (0, force_commit_s]")

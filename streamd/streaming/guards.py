@@ -1,0 +1,129 @@
+"""Hallucination guards: decide which words of a window's hypothesis to believe.
+
+Whisper loops on murmur and near-silence ("Thank you. Thank you.", one word over and over). The
+VAD keeps most of that audio away; these rules catch what gets through, and each one is counted
+so that operators can see what is being dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from streamd.streaming.window import HypWord, WindowResult
+
+# Known Whisper hallucinations (subtitle credits and sign-offs learned from its training data).
+# Dropped only when the evidence for them is weak: a speaker may really say "thank you".
+HALLUCINATION_PHRASES = (
+    "thank you for watching",
+    "thanks for watching",
+    "please subscribe",
+    "subscribe to my channel",
+    "like and subscribe",
+    "subtitles by",
+    "amara.org",
+    "see you in the next video",
+    "thank you",
+    "you",
+    "bye",
+    "ご視聴ありがとうございました",
+    "ご覧いただきありがとうございます",
+    "チャンネル登録",
+    "おやすみなさい",
+)
+
+# compared without spaces or punctuation: Japanese has no spaces, and Whisper's word split varies
+_PHRASE_KEYS = frozenset(re.sub(r"[^\w]", "", p.lower()) for p in HALLUCINATION_PHRASES)
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Thresholds of the guards; openai-whisper's defaults where it has one."""
+
+    no_speech_prob: float = 0.6  # with avg_logprob below `logprob`: the window holds no speech
+    logprob: float = -1.0
+    compression_ratio: float = 2.4  # gzip ratio of the text above this: a loop
+    repeat_ngram_max: int = 4  # look for word n-grams up to this long...
+    repeat_times: int = 3  # ...repeated this many times in a row
+    max_tokens_per_s: float = 12.0  # fast speech is ~5-7 tokens/s; above this is a runaway
+    token_slack: int = 8  # tokens allowed on top of the rate, for very short windows
+    weak_logprob: float = -0.7  # "weak evidence" for the phrase list
+    weak_no_speech_prob: float = 0.3
+    weak_word_probability: float = 0.5
+
+
+@dataclass
+class GuardStats:
+    """How often each guard fired (words dropped per guard)."""
+
+    dropped_words: Counter[str] = field(default_factory=Counter)
+
+    def count(self, guard: str, words: int) -> None:
+        if words:
+            self.dropped_words[guard] += words
+
+
+def _norm(word: str) -> str:
+    return re.sub(r"[^\w]", "", word.lower())
+
+
+def _loop_start(words: list[HypWord], config: GuardConfig) -> int | None:
+    """Index where a run of `repeat_times` identical n-grams starts (keeping one copy), or None."""
+    keys = [_norm(w.word) for w in words]
+    for n in range(1, config.repeat_ngram_max + 1):
+        for i in range(len(keys) - n * config.repeat_times + 1):
+            gram = keys[i : i + n]
+            if not any(gram):
+                continue
+            if all(
+                keys[i + k * n : i + (k + 1) * n] == gram for k in range(1, config.repeat_times)
+            ):
+                return i + n  # keep the first occurrence, cut the repeats
+    return None
+
+
+def _is_known_phrase(words: list[HypWord]) -> bool:
+    """The whole hypothesis is one known hallucination (a real sentence merely containing
+    "thank you" is left alone)."""
+    squashed = "".join(_norm(w.word) for w in words)
+    return squashed in _PHRASE_KEYS
+
+
+def apply_guards(
+    result: WindowResult,
+    uncommitted_audio_s: float,
+    config: GuardConfig,
+    stats: GuardStats,
+) -> list[HypWord]:
+    """The words of `result` worth believing; drops are counted in `stats` by guard name."""
+    words = list(result.words)
+    if not words:
+        return words
+    if result.no_speech_prob > config.no_speech_prob and result.avg_logprob < config.logprob:
+        stats.count("no_speech", len(words))
+        return []
+    cut = _loop_start(words, config)
+    if cut is None and result.compression_ratio > config.compression_ratio:
+        cut = len(words) // 2  # a loop we could not localise: keep the part before it
+    if cut is not None:
+        stats.count("repetition", len(words) - cut)
+        words = words[:cut]
+    budget = int(config.max_tokens_per_s * uncommitted_audio_s) + config.token_slack
+    used = 0
+    for i, w in enumerate(words):
+        used += len(w.tokens)
+        if used > budget:
+            stats.count("token_rate", len(words) - i)
+            words = words[:i]
+            break
+    mean_probability = sum(w.probability for w in words) / len(words) if words else 1.0
+    weak = (
+        result.avg_logprob < config.weak_logprob
+        or result.no_speech_prob > config.weak_no_speech_prob
+        or mean_probability < config.weak_word_probability
+    )
+    if weak and words and _is_known_phrase(words):
+        stats.count("phrase", len(words))
+        return []
+    return words

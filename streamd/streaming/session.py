@@ -1,0 +1,332 @@
+"""`Session`: the sans-I/O state machine of one audio stream.
+
+It is fed audio and the time (`now`), and hands out window requests for the engine and events
+for listeners; it never calls the model, a clock, a socket or a thread (like h11 / aioquic's
+connection objects). Every streaming decision is therefore testable with scripted time and a
+scripted engine.
+
+Life of an utterance: the VAD opens it (SpeechStarted) -> every `step_ms` of new speech a window
+request covers the speech since the last trim point, forced to start with the words already
+committed in it and drafted with the last hypothesis -> words two consecutive results agree on
+are committed (Final), the rest is shown as a Partial -> when the VAD closes it (SpeechEnded) a
+final request commits everything left.
+
+The window keeps the speech of earlier utterances (their words forced, already final) until it
+holds `trim_after_s` of committed audio: Whisper hears a short phrase far better with the
+sentence before it. Only speech is kept: the gaps between utterances are cut out, so silence,
+noise and murmur never reach the engine.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamd.decoding.result import Word
+from streamd.errors import SessionStateError
+from streamd.streaming.agreement import agreed_prefix, stable_count, strip_overlap
+from streamd.streaming.config import MAX_WINDOW_S, SessionConfig
+from streamd.streaming.events import Event, Final, Partial, SpeechEnded, SpeechStarted
+from streamd.streaming.guards import GuardStats, apply_guards
+from streamd.streaming.window import HypWord, WindowRequest, WindowResult
+from streamd.vad import SpeechAudio, VadGate
+from streamd.vad import SpeechEnded as VadEnded
+from streamd.vad import SpeechStarted as VadStarted
+
+SAMPLE_RATE = 16_000
+
+
+@dataclass
+class SessionStats:
+    """Counters for metrics and benchmarks."""
+
+    requests: int = 0
+    audio_decoded_s: float = 0.0
+    forward_passes: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    forced_commits: int = 0
+    trims: int = 0
+    guards: GuardStats = field(default_factory=GuardStats)
+
+
+@dataclass
+class _Window:
+    """The speech being transcribed: recent utterances, gaps cut out (mutable; internal)."""
+
+    audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    pieces: list[tuple[int, int]] = field(default_factory=list)  # (window, stream) sample
+    committed: list[HypWord] = field(default_factory=list)  # inside the window, in order
+    tentative: list[HypWord] = field(default_factory=list)  # last hypothesis after them
+    requested_until: int = 0  # window samples covered by the last request
+    speaking: bool = False
+    finals: list[int] = field(default_factory=list)  # utterances ended here (window samples)
+
+    def start_piece(self, stream_sample: int) -> None:
+        self.pieces.append((len(self.audio), stream_sample))
+
+    def stream_end(self) -> int:
+        offset, stream = self.pieces[-1]
+        return stream + len(self.audio) - offset
+
+    def window_sample(self, stream_s: float) -> int:
+        """Window sample of a stream time (the start of the next piece if it is in a gap)."""
+        sample = round(stream_s * SAMPLE_RATE)
+        for i, (offset, stream) in enumerate(self.pieces):
+            end = self.pieces[i + 1][0] if i + 1 < len(self.pieces) else len(self.audio)
+            if sample < stream:
+                return offset
+            if sample < stream + end - offset:
+                return offset + sample - stream
+        return len(self.audio)
+
+    def trim_to(self, cut: int) -> None:
+        """Drop the first `cut` window samples."""
+        cut = min(max(cut, 0), len(self.audio))
+        pieces = []
+        for i, (offset, stream) in enumerate(self.pieces):
+            end = self.pieces[i + 1][0] if i + 1 < len(self.pieces) else len(self.audio)
+            if end <= cut and i + 1 < len(self.pieces):
+                continue
+            skip = max(cut - offset, 0)
+            pieces.append((offset + skip - cut, stream + skip))
+        self.pieces = pieces
+        self.audio = self.audio[cut:]
+        self.requested_until = max(self.requested_until - cut, 0)
+        self.finals = [max(f - cut, 0) for f in self.finals]
+
+
+class Session:
+    """One stream's streaming state; see the module docstring for the flow.
+
+    language: ISO code, or None to detect (then fixed by the first committed words).
+    vocabulary: tokens of a per-session prompt (names, jargon), always kept in the context.
+    """
+
+    def __init__(
+        self,
+        config: SessionConfig | None = None,
+        session_id: str = "session",
+        language: str | None = None,
+        task: str = "transcribe",
+        vocabulary: tuple[int, ...] = (),
+    ) -> None:
+        self.config = config or SessionConfig()
+        self.session_id = session_id
+        self.language = language
+        self.task = task
+        self.vocabulary = vocabulary
+        self.stats = SessionStats()
+        self._vad = VadGate(self.config.vad)
+        self._window = _Window()
+        self._events: list[Event] = []
+        self._prompt: deque[int] = deque(maxlen=self.config.prompt_tokens)
+        self._recent: deque[HypWord] = deque(maxlen=8)  # last committed words, for overlap
+        self._in_flight: WindowRequest | None = None
+        self._next_request = 0
+        self._next_segment = 0
+        self._partial: Partial | None = None
+        self._ended = False
+        self._last_audio_now: float | None = None
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def feed_audio(self, pcm: np.ndarray, now: float) -> None:
+        """Add 16 kHz mono float32 samples that follow the previous ones."""
+        if self._ended:
+            raise SessionStateError("audio after end_stream")
+        self._last_audio_now = now
+        for event in self._vad.feed(pcm):
+            self._on_vad(event)
+
+    def end_stream(self, now: float) -> None:
+        """No more audio: the open utterance (if any) is finalized."""
+        if not self._ended:
+            self.finalize(now)
+            self._ended = True
+
+    def finalize(self, now: float) -> None:
+        """Finalize the current utterance now, as if the speaker had paused."""
+        for event in self._vad.flush():
+            self._on_vad(event)
+
+    def get_timer(self) -> float | None:
+        """Wall time at which `handle_timer` must be called, or None."""
+        if self._last_audio_now is None or not self._window.speaking:
+            return None
+        return self._last_audio_now + self.config.idle_finalize_ms / 1000
+
+    def handle_timer(self, now: float) -> None:
+        timer = self.get_timer()
+        if timer is not None and now >= timer:
+            self.finalize(now)
+
+    def _on_vad(self, event: VadStarted | SpeechAudio | VadEnded) -> None:
+        w = self._window
+        match event:
+            case VadStarted(sample=sample):
+                gap_s = (sample - w.stream_end()) / SAMPLE_RATE if w.pieces else 0.0
+                if gap_s > self.config.context_gap_s and not w.finals:
+                    w.trim_to(w.window_sample(w.committed[-1].end) if w.committed else 0)
+                    w.committed = []
+                w.start_piece(sample)
+                w.speaking = True
+                self._events.append(SpeechStarted(sample / SAMPLE_RATE))
+            case SpeechAudio(samples=samples):
+                w.audio = np.concatenate([w.audio, samples.astype(np.float32, copy=False)])
+            case VadEnded(sample=sample):
+                w.speaking = False
+                w.finals.append(len(w.audio))
+                self._events.append(SpeechEnded(sample / SAMPLE_RATE))
+
+    # -- work for the engine ----------------------------------------------------------------------
+
+    def decode_requests(self) -> list[WindowRequest]:
+        """The next window to decode, if one is due (at most one is in flight per session)."""
+        w = self._window
+        if self._in_flight is not None or not w.pieces:
+            return []
+        max_samples = int(MAX_WINDOW_S * SAMPLE_RATE)
+        if w.finals:
+            until = w.finals[0]
+            committed_until = w.window_sample(w.committed[-1].end) if w.committed else 0
+            if until <= committed_until and not w.tentative:
+                w.finals.pop(0)  # nothing new since the last commit
+                self._set_partial(None)
+                return self.decode_requests()
+        else:
+            until = len(w.audio)
+            uncommitted = until - (w.window_sample(w.committed[-1].end) if w.committed else 0)
+            if until - w.requested_until < self.config.step_ms * SAMPLE_RATE // 1000:
+                return []
+            if uncommitted < self.config.min_window_ms * SAMPLE_RATE // 1000:
+                return []
+        window = w.audio[: min(until, max_samples)]
+        request = WindowRequest(
+            session_id=self.session_id,
+            request_id=self._next_request,
+            pieces=tuple(w.pieces),
+            audio=window,
+            prompt=(*self.vocabulary, *self._prompt),
+            forced=tuple(t for h in w.committed for t in h.tokens),
+            draft=tuple(t for h in w.tentative for t in h.tokens),
+            language=self.language,
+            task=self.task,
+            final=bool(w.finals) and w.finals[0] <= max_samples,
+        )
+        self._next_request += 1
+        w.requested_until = len(window)
+        self._in_flight = request
+        self.stats.requests += 1
+        self.stats.audio_decoded_s += len(window) / SAMPLE_RATE
+        return [request]
+
+    def decode_done(self, request: WindowRequest, result: WindowResult, now: float) -> None:
+        """Take the engine's result for the request in flight."""
+        if self._in_flight is None or request.request_id != self._in_flight.request_id:
+            raise SessionStateError(f"result for request {request.request_id} not in flight")
+        if result.request_id != request.request_id:
+            raise SessionStateError("result does not belong to its request")
+        self._in_flight = None
+        self.stats.forward_passes += result.forward_passes
+        self.stats.draft_tokens += result.draft_tokens
+        self.stats.accepted_tokens += result.accepted_tokens
+        w = self._window
+        window_end_s = request.to_stream_s(len(request.audio) / SAMPLE_RATE)
+        start_s = w.committed[-1].end if w.committed else request.to_stream_s(0.0)
+        words = apply_guards(
+            result, max(window_end_s - start_s, 0.0), self.config.guards, self.stats.guards
+        )
+        if not w.committed:
+            words = strip_overlap(list(self._recent), words)
+        # a step that reached the end of an utterance that has since ended is its final
+        final = request.final or (bool(w.finals) and w.finals[0] == len(request.audio))
+        if final:
+            self._commit(words, result)
+            w.tentative = []
+            w.finals.pop(0)
+            self._set_partial(None)
+            self._maybe_trim(len(request.audio) / SAMPLE_RATE)
+            return
+        window_s = len(request.audio) / SAMPLE_RATE
+        stable_until = window_end_s - self.config.unstable_tail_ms / 1000
+        if window_s >= self.config.force_commit_s:
+            # no time left to wait for agreement
+            n = stable_count(words, len(words), stable_until)
+            self.stats.forced_commits += 1
+        else:
+            n = stable_count(words, agreed_prefix(w.tentative, words), stable_until)
+        self._commit(words[:n], result)
+        w.tentative = words[n:]
+        self._maybe_trim(window_s)
+        self._set_partial(w.tentative)
+
+    def _commit(self, words: list[HypWord], result: WindowResult) -> None:
+        if not words:
+            return
+        if self.language is None:
+            self.language = result.language  # detected once, then kept: short windows flip
+        self._window.committed.extend(words)
+        self._recent.extend(words)
+        self._prompt.extend(t for w in words for t in w.tokens)
+        self._events.append(
+            Final(
+                segment=self._next_segment,
+                start=words[0].start,
+                end=words[-1].end,
+                text="".join(w.word for w in words),
+                words=tuple(Word(w.word, w.start, w.end, w.probability) for w in words),
+                language=result.language,
+                avg_logprob=result.avg_logprob,
+                no_speech_prob=result.no_speech_prob,
+            )
+        )
+        self._next_segment += 1
+        self._partial = None
+
+    def _maybe_trim(self, window_s: float) -> None:
+        """Cut committed audio off the window once it is long (it lives on in the prompt)."""
+        w = self._window
+        long = window_s >= self.config.force_commit_s or len(w.audio) / SAMPLE_RATE >= (
+            self.config.force_commit_s
+        )
+        committed_until = w.window_sample(w.committed[-1].end) if w.committed else 0
+        if w.committed and (committed_until / SAMPLE_RATE >= self.config.trim_after_s or long):
+            w.trim_to(committed_until)
+            w.committed = []
+            self.stats.trims += 1
+        elif long:
+            # Nothing committed in a window this long: the words never came (noise the guards
+            # rejected). Keep the recent part so the window stays under 30 s.
+            w.trim_to(len(w.audio) - round(self.config.trim_after_s * SAMPLE_RATE))
+            w.tentative = []
+            self.stats.trims += 1
+
+    def _set_partial(self, words: list[HypWord] | None) -> None:
+        if words:
+            text = "".join(w.word for w in words)
+            partial: Partial | None = Partial(
+                self._next_segment, words[0].start, words[-1].end, text
+            )
+        elif self._partial is not None:
+            # the tentative words are gone (the guards dropped them): clear the caption
+            partial = Partial(self._next_segment, self._partial.start, self._partial.start, "")
+        else:
+            partial = None
+        if partial is not None and partial != self._partial:
+            self._events.append(partial)
+        self._partial = partial if words else None
+
+    # -- output ----------------------------------------------------------------------------------
+
+    def events(self) -> list[Event]:
+        """Events since the last call, in order."""
+        out, self._events = self._events, []
+        return out
+
+    @property
+    def finished(self) -> bool:
+        """The stream has ended and every utterance has been finalized."""
+        return self._ended and not self._window.finals and self._in_flight is None
