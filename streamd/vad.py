@@ -2,17 +2,18 @@
 silence, noise or background murmur, where it hallucinates.
 
 Sans-I/O: `VadGate` is a pure function of the samples fed to it (no clocks, threads or I/O), and
-the events it returns are the same whatever the chunk sizes. Two stages decide what is speech
-(docs/vad.md has the measurements behind the defaults):
+its events are the same whatever the chunk sizes. Audio time is the sample index since the first
+sample fed (16 kHz), exact and integer. Two stages decide what is speech; docs/vad.md has the
+measurements behind the defaults.
 
-1. webrtcvad marks each frame voiced or not. It is built to catch all speech, so it also fires
-   on babble: people talking in the next room are speech to it (and to silero-vad).
-2. A level rule confirms that the speech is *foreground*: speech starts only when the start
-   window holds a voiced frame at least `min_peak_dbfs` loud and `snr_db` above the background,
-   and an utterance ends once no such frame has come for `confirm_hold_ms`, so murmur after a
-   talker stops is not passed on for as long as it lasts.
-
-Audio time is the sample index since the first sample fed (16 kHz), exact and integer.
+1. Voiced frames: webrtcvad says speech, and the frame stands `snr_db` above the noise floor
+   (the quietest frame of the last 1.5 s). webrtcvad alone fires on loud steady noise.
+2. Foreground: webrtcvad (like silero-vad) also calls babble speech, because it is. Speech starts
+   only when the start window holds a voiced frame that is loud, or bright (energy in 2-4 kHz):
+   talkers in the next room are neither, since walls and distance take the highs, while a near
+   talker's consonants and upper formants are bright even at low microphone gain. An utterance
+   ends after `hangover_ms` without a voiced frame, or `confirm_hold_ms` without a foreground one,
+   so murmur after the talker stops is cut off instead of passed on for as long as it lasts.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 import webrtcvad
 
-from streamd.errors import ConfigError
+from streamd.errors import AudioError, ConfigError
 
 SAMPLE_RATE = 16_000  # webrtcvad also takes 8/32/48 kHz, but the pipeline resamples to 16 kHz first
 FRAME_MS_CHOICES = (10, 20, 30)  # the only frame lengths webrtcvad accepts
 _SILENT_DBFS = -100.0  # level given to digital silence, so arithmetic on levels stays finite
-_BACKGROUND_TAU_MS = 2_000  # the background level follows non-speech audio over about this long
+# The noise floor is the quietest frame of the last this-many ms (minimum statistics): long
+# enough to span the pauses between words, short enough to follow a fan that starts.
+_NOISE_FLOOR_WINDOW_MS = 1_500
 _INT16_MAX = 32_767
 
 
@@ -39,25 +42,25 @@ class VadConfig:
     frame_ms: int = 30  # 10, 20 or 30: webrtcvad's frame lengths
     aggressiveness: int = 3  # webrtcvad's mode, 0 (most speech kept) .. 3 (fewest false alarms)
     # Speech starts when `start_frames` of the frames in the last `start_window_ms` are voiced and
-    # one of them is loud enough (below): a lone voiced frame (a click, a cough) starts nothing.
+    # one of them is foreground: a lone voiced frame (a click, a cough) starts nothing.
     start_frames: int = 3
     start_window_ms: int = 300
     preroll_ms: int = 300  # audio kept before the first voiced frame, so onsets are not clipped
-    hangover_ms: int = 600  # unvoiced audio after the last voiced frame before speech ends
-    # Frames quieter than this, or less than snr_db above the background (the running level of
-    # what webrtcvad calls unvoiced outside speech: the noise floor), are never voiced.
+    hangover_ms: int = (
+        600  # audio kept after the last voiced frame; speech resuming in it continues
+    )
+    # Stage 1, besides webrtcvad: a voiced frame is at least min_voiced_dbfs, and snr_db above
+    # the noise floor (so that steady noise, which webrtcvad calls speech when loud, is not).
     min_voiced_dbfs: float = -55.0
     snr_db: float = 10.0
-    # Second stage: speech must be *foreground* to start, and an utterance ends when no
-    # foreground frame has come for confirm_hold_ms. A voiced frame is foreground when it is at
-    # least min_foreground_dbfs and either loud (loud_dbfs) or bright: the voiced frames of the
-    # start window carry energy in 2-4 kHz at least min_presence_db relative to 0.1-1 kHz.
-    # Talkers in the next room are neither: walls and distance take the highs. A near talker's
-    # consonants and upper formants are bright even when the microphone gain is low.
+    # Stage 2: a voiced frame is foreground when it is at least min_foreground_dbfs and either
+    # loud (loud_dbfs) or bright: the voiced frames of the start window carry energy in 2-4 kHz
+    # at least min_presence_db relative to 0.1-1 kHz. Speech needs a foreground frame to start,
+    # and ends when none has come for confirm_hold_ms.
     min_foreground_dbfs: float = -45.0
-    loud_dbfs: float = -25.0
+    loud_dbfs: float = -23.0
     min_presence_db: float = -15.0
-    confirm_hold_ms: int = 2_000
+    confirm_hold_ms: int = 1_000
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -121,7 +124,11 @@ class _Frame:
     start: int
     samples: np.ndarray
     voiced: bool
-    loud: bool
+    foreground: bool
+
+    @property
+    def end(self) -> int:
+        return self.start + self.samples.size
 
 
 class VadGate:
@@ -141,21 +148,23 @@ class VadGate:
         self._preroll = SAMPLE_RATE * config.preroll_ms // 1000
         self._hangover = SAMPLE_RATE * config.hangover_ms // 1000
         self._confirm_hold = SAMPLE_RATE * config.confirm_hold_ms // 1000
-        window_frames = config.start_window_ms // config.frame_ms
+        self._window_frames = config.start_window_ms // config.frame_ms
         # Outside speech: the start window, plus enough older frames to supply the pre-roll.
-        self._recent: deque[_Frame] = deque(
-            maxlen=window_frames + -(-self._preroll // self._frame_len)
-        )
-        self._window_frames = window_frames
-        self._background_alpha = config.frame_ms / _BACKGROUND_TAU_MS
-        self._background_dbfs: float | None = None  # None until the first frame
+        preroll_frames = -(-self._preroll // self._frame_len)
+        self._recent: deque[_Frame] = deque(maxlen=self._window_frames + preroll_frames)
+        # Band energies (2-4 kHz, 0.1-1 kHz) of the voiced frames in the start window.
+        self._bands: deque[tuple[float, float]] = deque(maxlen=self._window_frames)
+        # (frame number, level) of the frames that can still be the window's minimum, ascending
+        self._floor: deque[tuple[int, float]] = deque()
+        self._floor_frames = max(_NOISE_FLOOR_WINDOW_MS // config.frame_ms, 1)
+        self._frame_number = 0
         self._pending = np.zeros(0, dtype=np.float32)  # a partial frame, waiting for more
         self._seen = 0
         self._grid = 0  # where the next frame starts; frames tile the stream from here
         self._in_speech = False
         self._emitted_until = 0  # end of the last utterance: pre-roll never reaches before it
         self._last_voiced_end = 0
-        self._last_loud_end = 0
+        self._last_foreground_end = 0
 
     @property
     def samples_seen(self) -> int:
@@ -170,27 +179,35 @@ class VadGate:
     def feed(self, samples: np.ndarray) -> list[VadEvent]:
         """Process `samples` (1-D float in [-1, 1]); return the events they complete, in order.
 
-        A trailing partial frame is kept for the next call, so audio is emitted one frame late
-        at most (plus the start window while speech is being confirmed).
+        Raises AudioError (a client error) for NaN or infinite samples.
+
+        A trailing partial frame is kept for the next call. In speech, audio comes out one frame
+        late at most; at a speech start, the pre-roll and start window come out at once.
         """
-        samples = np.asarray(samples, dtype=np.float32)
+        samples = np.array(samples, dtype=np.float32)  # a copy: events outlive the caller's buffer
         if samples.ndim != 1:
             raise ValueError(f"VadGate.feed takes mono 1-D samples, got shape {samples.shape}")
+        if not np.isfinite(samples).all():
+            raise AudioError("audio contains NaN or infinite samples")
         self._seen += samples.size
         audio = np.concatenate([self._pending, samples]) if self._pending.size else samples
         n_frames = audio.size // self._frame_len
         frames = audio[: n_frames * self._frame_len].reshape(n_frames, self._frame_len)
         self._pending = audio[n_frames * self._frame_len :].copy()
         out = _EventBuilder()
-        for index, level in enumerate(_frame_dbfs(frames)):
-            self._step(self._classify(frames[index], float(level)), out)
+        if n_frames:
+            levels = _frame_dbfs(frames)
+            high, low = _band_energies(frames)
+            for i in range(n_frames):
+                frame = self._classify(frames[i], float(levels[i]), float(high[i]), float(low[i]))
+                self._step(frame, out)
         return out.events()
 
     def flush(self) -> list[VadEvent]:
         """End of stream: emit the rest of an open utterance and its SpeechEnded.
 
-        Feeding more audio afterwards is allowed and starts detection afresh (as if after a
-        pause), so this also serves to force the end of an utterance.
+        Feeding more audio afterwards is allowed and starts detection afresh (as after a pause),
+        so this also serves to force the end of an utterance.
         """
         out = _EventBuilder()
         if self._in_speech:
@@ -200,55 +217,65 @@ class VadGate:
         self._pending = np.zeros(0, dtype=np.float32)
         self._grid = self._seen
         self._recent.clear()
+        self._bands.clear()
         return out.events()
 
-    def _classify(self, samples: np.ndarray, level: float) -> _Frame:
+    def _classify(self, samples: np.ndarray, level: float, high: float, low: float) -> _Frame:
+        config = self.config
         start = self._grid
         self._grid += samples.size
-        voiced = level >= self.config.min_voiced_dbfs and self._vad.is_speech(
-            _to_pcm16(samples), SAMPLE_RATE
-        )
-        background = level if self._background_dbfs is None else self._background_dbfs
-        loud = (
-            voiced
-            and level >= self.config.min_peak_dbfs
-            and (self._background_dbfs is None or level >= background + self.config.snr_db)
-        )
-        if not self._in_speech:
-            # Background = what plays when nobody near is talking: noise, murmur. Tracked in dB
-            # (a geometric mean), so a few loud frames of a speech onset barely move it.
-            self._background_dbfs = background + self._background_alpha * (level - background)
-        return _Frame(start, samples, voiced, loud)
+        floor = self._noise_floor_dbfs(level)
+        voiced = level >= max(
+            config.min_voiced_dbfs, floor + config.snr_db
+        ) and self._vad.is_speech(_to_pcm16(samples), SAMPLE_RATE)
+        self._bands.append((high, low) if voiced else (0.0, 0.0))
+        foreground = voiced and level >= config.min_foreground_dbfs
+        if foreground and level < config.loud_dbfs:
+            high_sum = sum(band[0] for band in self._bands)
+            low_sum = sum(band[1] for band in self._bands)
+            foreground = high_sum >= low_sum * 10.0 ** (config.min_presence_db / 10.0)
+        return _Frame(start, samples, voiced, foreground)
+
+    def _noise_floor_dbfs(self, level: float) -> float:
+        """Add this frame's level to the window and return the window's minimum."""
+        number = self._frame_number
+        self._frame_number += 1
+        while self._floor and self._floor[-1][1] >= level:
+            self._floor.pop()
+        self._floor.append((number, level))
+        while self._floor[0][0] <= number - self._floor_frames:
+            self._floor.popleft()
+        return self._floor[0][1]
 
     def _step(self, frame: _Frame, out: _EventBuilder) -> None:
-        end = frame.start + frame.samples.size
         if self._in_speech:
             out.audio(frame.start, frame.samples)
             if frame.voiced:
-                self._last_voiced_end = end
-            if frame.loud:
-                self._last_loud_end = end
-            quiet_for = end - self._last_voiced_end
-            unconfirmed_for = end - self._last_loud_end
+                self._last_voiced_end = frame.end
+            if frame.foreground:
+                self._last_foreground_end = frame.end
+            quiet_for = frame.end - self._last_voiced_end
+            unconfirmed_for = frame.end - self._last_foreground_end
             if (not frame.voiced and quiet_for >= self._hangover) or (
-                not frame.loud and unconfirmed_for >= self._confirm_hold
+                not frame.foreground and unconfirmed_for >= self._confirm_hold
             ):
-                self._end(end, out)
+                self._end(frame.end, out)
             return
         self._recent.append(frame)
         window = list(self._recent)[-self._window_frames :]
         voiced = [f for f in window if f.voiced]
-        if len(voiced) < self.config.start_frames or not any(f.loud for f in voiced):
+        if len(voiced) < self.config.start_frames or not any(f.foreground for f in voiced):
             return
-        retained = self._recent[0].start
-        start = max(voiced[0].start - self._preroll, self._emitted_until, retained)
+        # Voice began at the window's first voiced frame; the pre-roll reaches back from there
+        # (never into the previous utterance, whose audio is already out).
+        start = max(voiced[0].start - self._preroll, self._emitted_until, self._recent[0].start)
         out.start(start)
         for old in self._recent:
-            if old.start + old.samples.size > start:
+            if old.end > start:
                 out.audio(max(old.start, start), old.samples[max(start - old.start, 0) :])
         self._in_speech = True
-        self._last_voiced_end = voiced[-1].start + voiced[-1].samples.size
-        self._last_loud_end = max(f.start + f.samples.size for f in voiced if f.loud)
+        self._last_voiced_end = voiced[-1].end
+        self._last_foreground_end = max(f.end for f in voiced if f.foreground)
         self._recent.clear()
 
     def _end(self, at: int, out: _EventBuilder) -> None:
@@ -295,8 +322,22 @@ def _frame_dbfs(frames: np.ndarray) -> np.ndarray:
     return 10.0 * np.log10(np.maximum(mean_square, floor))
 
 
+def _band_energies(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Energy of each row of `frames` in 2-4 kHz and in 0.1-1 kHz (Hann-windowed spectrum).
+
+    2-4 kHz, not higher: telephone-band speech (8 kHz sampled, as in many recordings) stops at
+    about 3.4 kHz and must still count as bright.
+    """
+    n_fft = 1 << (frames.shape[1] - 1).bit_length()
+    window = np.hanning(frames.shape[1])
+    power = np.abs(np.fft.rfft(frames * window, n=n_fft, axis=1)) ** 2
+    freqs_hz = np.fft.rfftfreq(n_fft, d=1.0 / SAMPLE_RATE)
+    high = power[:, (freqs_hz >= 2_000) & (freqs_hz < 4_000)].sum(axis=1)
+    low = power[:, (freqs_hz >= 100) & (freqs_hz < 1_000)].sum(axis=1)
+    return high, low
+
+
 def _to_pcm16(samples: np.ndarray) -> bytes:
     """webrtcvad's input format: 16-bit little-endian PCM (clipped, not wrapped)."""
-    return (
-        np.clip(np.round(samples * _INT16_MAX), -_INT16_MAX - 1, _INT16_MAX).astype("<i2").tobytes()
-    )
+    scaled = np.clip(np.round(samples * _INT16_MAX), -_INT16_MAX - 1, _INT16_MAX)
+    return scaled.astype("<i2").tobytes()

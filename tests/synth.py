@@ -31,7 +31,7 @@ SHARED_AUDIO_DIR = (PROJECT_ROOT / ".." / "shared" / "audio").resolve()
 GapKind = Literal["silence", "white", "pink", "murmur"]
 GAP_KINDS: tuple[GapKind, ...] = ("silence", "white", "pink", "murmur")
 NOISE_DBFS = -50.0  # level of "white"/"pink" gaps: a quiet room through a decent microphone
-MURMUR_DBFS = -35.0  # level of "murmur" gaps: other people talking a few metres away
+MURMUR_DBFS = -35.0  # level of "murmur" gaps: people talking in the next room
 GAP_S = (1.5, 4.0)  # gap lengths are drawn uniformly from this range
 
 # espeak-ng voice variants (no mbrola voices: those need extra packages). Speed in words per
@@ -153,13 +153,11 @@ def murmur(
         voice, speed_wpm, pitch = _MURMUR_VOICES[(seed + index) % len(_MURMUR_VOICES)]
         picks = rng.permutation(len(_MURMUR_SENTENCES))[:_MURMUR_SENTENCES_PER_VOICE]
         text = " ".join(_MURMUR_SENTENCES[i] for i in picks)
-        loop = _espeak(voice, speed_wpm, pitch, text, lowpass_hz).astype(np.float64)
+        loop = _at_level(_espeak(voice, speed_wpm, pitch, text, lowpass_hz), 0.0)
         offset = int(rng.integers(loop.size))
-        reps = (offset + n) // loop.size + 1
-        gain = dbfs_to_rms(float(rng.uniform(-_MURMUR_VOICE_GAIN_DB, _MURMUR_VOICE_GAIN_DB)))
-        mix += gain * np.tile(loop / max(float(np.sqrt(np.mean(loop**2))), 1e-9), reps)[
-            offset : offset + n
-        ]
+        repeated = np.tile(loop, (offset + n) // loop.size + 1)[offset : offset + n]
+        gain_db = float(rng.uniform(-_MURMUR_VOICE_GAIN_DB, _MURMUR_VOICE_GAIN_DB))
+        mix += dbfs_to_rms(gain_db) * repeated
     return _at_level(mix, dbfs)
 
 
@@ -238,16 +236,35 @@ def build_stream(
     return stream, utterances, placed
 
 
+def voiced_mask(samples: np.ndarray, frame_ms: int = 10, below_peak_db: float = 25.0) -> np.ndarray:
+    """Reference speech activity of a clean clip: True for each `frame_ms` frame whose RMS is
+    within `below_peak_db` of the clip's loud level (95th percentile of frame levels).
+
+    A yardstick for VAD tests, independent of any VAD: it does not tell speech from noise, so
+    use it only on real clips, whose background is far below their speech.
+    """
+    frame_len = SAMPLE_RATE * frame_ms // 1000
+    n = samples.size // frame_len
+    frames = np.asarray(samples[: n * frame_len], dtype=np.float64).reshape(n, frame_len)
+    levels = 10.0 * np.log10(np.maximum(np.mean(frames**2, axis=1), 1e-10))
+    return np.asarray(levels >= np.percentile(levels, 95) - below_peak_db)
+
+
 def cache_dir() -> Path:
-    """Where generated speech is kept: $STREAMD_SYNTH_CACHE, else <project>/tmp/synth-cache."""
+    """Where generated speech is kept: $STREAMD_SYNTH_CACHE, else <system temp>/streamd-synth.
+
+    Outside the work tree on purpose: the files are large, derived, and not to be committed.
+    """
     override = os.environ.get("STREAMD_SYNTH_CACHE")
-    path = Path(override) if override else PROJECT_ROOT / "tmp" / "synth-cache"
+    path = Path(override) if override else Path(tempfile.gettempdir()) / "streamd-synth"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
+@cache
 def _espeak(voice: str, speed_wpm: int, pitch: int, text: str, lowpass_hz: float) -> np.ndarray:
-    """espeak-ng saying `text`, resampled to 16 kHz and low-passed by sox; cached on disk."""
+    """espeak-ng saying `text`, resampled to 16 kHz and low-passed by sox; cached on disk and
+    in memory (read-only)."""
     missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
     if missing:
         raise RuntimeError(
@@ -265,7 +282,9 @@ def _espeak(voice: str, speed_wpm: int, pitch: int, text: str, lowpass_hz: float
             float_16k = ["-r", str(SAMPLE_RATE), "-e", "floating-point", "-b", "32"]
             _run(["sox", str(raw), *float_16k, str(done), "lowpass", f"{lowpass_hz:g}"])
             os.replace(done, path)  # atomic: parallel test runs never read half a file
-    return load_audio(path)
+    samples = load_audio(path)
+    samples.flags.writeable = False
+    return samples
 
 
 def _run(argv: list[str]) -> None:
@@ -295,17 +314,3 @@ def _at_level(signal: np.ndarray, dbfs: float) -> np.ndarray:
     rms = float(np.sqrt(np.mean(np.square(signal, dtype=np.float64)))) if signal.size else 0.0
     scale = dbfs_to_rms(dbfs) / rms if rms > 0 else 0.0
     return (signal * scale).astype(np.float32)
-
-
-def voiced_mask(samples: np.ndarray, frame_ms: int = 10, below_peak_db: float = 25.0) -> np.ndarray:
-    """Reference speech activity of a clean clip: True for each `frame_ms` frame whose RMS is
-    within `below_peak_db` of the clip's loud level (95th percentile of frame levels).
-
-    A yardstick for VAD tests, independent of any VAD: it does not tell speech from noise, so
-    use it only on real clips, whose background is far below their speech.
-    """
-    frame_len = SAMPLE_RATE * frame_ms // 1000
-    n = samples.size // frame_len
-    frames = np.asarray(samples[: n * frame_len], dtype=np.float64).reshape(n, frame_len)
-    levels = 10.0 * np.log10(np.maximum(np.mean(frames**2, axis=1), 1e-10))
-    return np.asarray(levels >= np.percentile(levels, 95) - below_peak_db)

@@ -37,6 +37,7 @@ class DecodeRequest:
     draft: the previous hypothesis for this window (sampled tokens, no EOT); greedy only.
     language: ISO code, or None to detect it (multilingual models; English-only models use en).
     temperature: 0 is greedy; > 0 samples (seeded by `seed`), ignoring the draft.
+    max_tokens: stop after this many sampled tokens (bounds the cost of a runaway loop).
     """
 
     prompt: tuple[int, ...] = ()
@@ -47,6 +48,7 @@ class DecodeRequest:
     without_timestamps: bool = False
     temperature: float = 0.0
     seed: int = 0
+    max_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,8 @@ class GreedyDecoder:
         prefix.extend(request.forced)
         # openai-whisper samples until the sequence is n_ctx + 1 long (the last token is never fed)
         sample_len = min(self.sample_len, n_ctx + 1 - len(prefix))
+        if request.max_tokens is not None:
+            sample_len = max(min(sample_len, request.max_tokens), 1)
         rules = RowRules.build(tokenizer, len(prefix), timestamps=not request.without_timestamps)
         row = _Row(tokenizer, request, prefix, rules, sot_index, sample_len, seq=list(prefix))
         row.seq_buffer = torch.zeros(n_ctx + 1, dtype=torch.long)

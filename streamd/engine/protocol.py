@@ -3,8 +3,9 @@
 Static shapes by design (DESIGN.md §3): Neuron compiles one graph per shape, so callers think in
 fixed buckets. Tensor conventions, B = batch rows, A = alignment heads:
 
-- mel:       float32 [B, n_mels, 3000]   log-mel of a 30 s window, zero-padded
-- features:  float32 [B, n_audio_ctx, d] encoder output (n_audio_ctx = 1500 for 30 s)
+- mel:       float32 [B, n_mels, F]      log-mel, F = 3000 for a 30 s window (zero-padded), or
+                                         a smaller even bucket (encoder context buckets)
+- features:  float32 [B, F / 2, d]       encoder output (n_audio_ctx = 1500 for 30 s)
 - tokens:    int64   [B, T]              T <= n_text_ctx (448), rows right-padded
 - lengths:   int64   [B]                 real tokens per row
 - positions: int64   [B]                 where each row's next token goes in the KV cache
@@ -21,7 +22,7 @@ import torch
 @dataclass(frozen=True)
 class PrefillOutput:
     """logits: float32 [B, T - first_logit, V]: next-token logits for positions first_logit..T-1.
-    alignment_qk: float32 [B, A, T, n_audio_ctx]: pre-softmax cross-attention scores of the
+    alignment_qk: float32 [B, A, T, F / 2]: pre-softmax cross-attention scores of the
     alignment heads (DTW word timing wants them unnormalised, to softmax over real frames only).
     """
 
@@ -31,7 +32,7 @@ class PrefillOutput:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """logits: float32 [B, V]; alignment_qk: float32 [B, A, n_audio_ctx] for the fed token."""
+    """logits: float32 [B, V]; alignment_qk: float32 [B, A, F / 2] for the fed token."""
 
     logits: torch.Tensor
     alignment_qk: torch.Tensor
@@ -53,7 +54,7 @@ class Engine(Protocol):
     n_alignment_heads: int
 
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
-        """mel [B, n_mels, 3000] -> features [B, n_audio_ctx, d]."""
+        """mel [B, n_mels, F] -> features [B, F / 2, d]; F = 2 * n_audio_ctx is a full window."""
         ...
 
     def prefill(

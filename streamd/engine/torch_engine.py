@@ -57,6 +57,7 @@ class TorchEngine:
         self.cross_v = torch.zeros_like(self.cross_k)
         self._cache_index = torch.arange(self.n_text_ctx, device=self.device)
         self._rows = 0  # rows filled by the last prefill
+        self._audio_ctx = self.n_audio_ctx  # encoder frames of the last prefill's features
 
     @property
     def blocks(self) -> list[ResidualAttentionBlock]:
@@ -64,11 +65,23 @@ class TorchEngine:
 
     @torch.inference_mode()
     def encode(self, mel: Tensor) -> Tensor:
-        if mel.ndim != 3 or mel.shape[1] != self.n_mels or mel.shape[2] != 2 * self.n_audio_ctx:
-            raise EngineError(
-                f"mel must be [B, {self.n_mels}, {2 * self.n_audio_ctx}], got {tuple(mel.shape)}"
-            )
-        return self.model.encoder(mel.to(self.device, self.dtype))
+        frames = mel.shape[2] if mel.ndim == 3 else 0
+        if mel.ndim != 3 or mel.shape[1] != self.n_mels or frames % 2:
+            raise EngineError(f"mel must be [B, {self.n_mels}, frames], got {tuple(mel.shape)}")
+        if not 0 < frames <= 2 * self.n_audio_ctx:
+            raise EngineError(f"mel frames must be even, 2..{2 * self.n_audio_ctx}, got {frames}")
+        mel = mel.to(self.device, self.dtype)
+        if frames == 2 * self.n_audio_ctx:
+            return self.model.encoder(mel)
+        # An encoder context bucket: only the first `frames` mel frames, the positional
+        # embedding sliced to match (DESIGN.md §3). Cheaper, and not what Whisper was trained on:
+        # callers choose it knowingly (the streaming window decoder, measured on real audio).
+        enc = self.model.encoder
+        x = F.gelu(enc.conv2(F.gelu(enc.conv1(mel)))).permute(0, 2, 1)
+        x = x + enc.positional_embedding[: x.shape[1]]
+        for block in enc.blocks:
+            x = block(x)
+        return enc.ln_post(x)
 
     def _split_heads(self, x: Tensor) -> Tensor:
         """[B, T, d] -> [B, H, T, d/H]"""
@@ -82,8 +95,8 @@ class TorchEngine:
     ) -> tuple[Tensor, Tensor | None]:
         """Attend to the cached audio K/V; return the alignment heads' raw scores if any."""
         q = self._split_heads(attn.query(x))
-        k = self.cross_k[layer, :rows]
-        v = self.cross_v[layer, :rows]
+        k = self.cross_k[layer, :rows, :, : self._audio_ctx]
+        v = self.cross_v[layer, :rows, :, : self._audio_ctx]
         heads = self._align_by_layer.get(layer)
         if heads is None:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -115,9 +128,14 @@ class TorchEngine:
             raise EngineError(f"prefill batch must be 1..{self.max_batch} rows, got {rows}")
         if not 0 < t <= self.n_text_ctx:
             raise EngineError(f"prefill length must be 1..{self.n_text_ctx}, got {t}")
-        expected = (rows, self.n_audio_ctx, self.n_head * self.head_dim)
-        if tuple(features.shape) != expected:
-            raise EngineError(f"features must be {list(expected)}, got {tuple(features.shape)}")
+        ctx = features.shape[1] if features.ndim == 3 else 0
+        expected = (rows, ctx, self.n_head * self.head_dim)
+        if tuple(features.shape) != expected or not 0 < ctx <= self.n_audio_ctx:
+            raise EngineError(
+                f"features must be [{rows}, 1..{self.n_audio_ctx}, {expected[2]}], "
+                f"got {tuple(features.shape)}"
+            )
+        self._audio_ctx = ctx
         if not 0 <= first_logit < t:
             raise EngineError(f"first_logit must be in 0..{t - 1}, got {first_logit}")
         if lengths.shape != (rows,) or int(lengths.min()) < 1 or int(lengths.max()) > t:
@@ -130,8 +148,8 @@ class TorchEngine:
         for i, block in enumerate(self.blocks):
             attn, cross = block.attn, block.cross_attn
             assert cross is not None and block.cross_attn_ln is not None
-            self.cross_k[i, :rows] = self._split_heads(cross.key(features))
-            self.cross_v[i, :rows] = self._split_heads(cross.value(features))
+            self.cross_k[i, :rows, :, :ctx] = self._split_heads(cross.key(features))
+            self.cross_v[i, :rows, :, :ctx] = self._split_heads(cross.value(features))
             h = block.attn_ln(x)
             k, v = self._split_heads(attn.key(h)), self._split_heads(attn.value(h))
             self.self_k[i, :rows, :, :t] = k

@@ -46,6 +46,7 @@ class GuardConfig:
     compression_ratio: float = 2.4  # gzip ratio of the text above this: a loop
     repeat_ngram_max: int = 4  # look for word n-grams up to this long...
     repeat_times: int = 3  # ...repeated this many times in a row
+    echo_words: int = 3  # the window's first forced words written again: it started over
     max_tokens_per_s: float = 12.0  # fast speech is ~5-7 tokens/s; above this is a runaway
     token_slack: int = 8  # tokens allowed on top of the rate, for very short windows
     weak_logprob: float = -0.7  # "weak evidence" for the phrase list
@@ -90,19 +91,49 @@ def _is_known_phrase(words: list[HypWord]) -> bool:
     return squashed in _PHRASE_KEYS
 
 
+def _echo_start(words: list[HypWord], forced: list[HypWord], min_words: int) -> int | None:
+    """Index where `words` start the window over: its first `min_words` forced words again.
+
+    With committed words forced at the start of the window, Whisper sometimes "starts over" and
+    writes them again after the prefix: "fellow Americans. And so my fellow Americans." Only a
+    repeat of the window's *beginning* counts: speakers repeat phrases ("ask not what your
+    country can do for you, ask what you can do for your country").
+    """
+    done = [_norm(w.word) for w in forced]
+    new = [_norm(w.word) for w in words]
+    head = done[:min_words]
+    # a longer verbatim run of earlier words, anywhere, is a re-reading too (rare in speech)
+    long = min_words + 1
+    grams = {tuple(done[i : i + long]) for i in range(len(done) - long + 1)}
+    for i in range(len(new)):
+        if len(head) == min_words and any(head) and new[i : i + min_words] == head:
+            return i
+        if tuple(new[i : i + long]) in grams and any(new[i : i + long]):
+            return i
+    return None
+
+
 def apply_guards(
     result: WindowResult,
     uncommitted_audio_s: float,
     config: GuardConfig,
     stats: GuardStats,
+    forced: list[HypWord] | None = None,
 ) -> list[HypWord]:
-    """The words of `result` worth believing; drops are counted in `stats` by guard name."""
+    """The words of `result` worth believing; drops are counted in `stats` by guard name.
+
+    forced: the committed words the window starts with (its forced prefix).
+    """
     words = list(result.words)
     if not words:
         return words
     if result.no_speech_prob > config.no_speech_prob and result.avg_logprob < config.logprob:
         stats.count("no_speech", len(words))
         return []
+    echo = _echo_start(words, forced or [], config.echo_words)
+    if echo is not None:
+        stats.count("echo", len(words) - echo)
+        words = words[:echo]
     cut = _loop_start(words, config)
     if cut is None and result.compression_ratio > config.compression_ratio:
         cut = len(words) // 2  # a loop we could not localise: keep the part before it

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -31,11 +32,19 @@ from streamd.streaming.config import MAX_WINDOW_S, SessionConfig
 from streamd.streaming.events import Event, Final, Partial, SpeechEnded, SpeechStarted
 from streamd.streaming.guards import GuardStats, apply_guards
 from streamd.streaming.window import HypWord, WindowRequest, WindowResult
-from streamd.vad import SpeechAudio, VadGate
+from streamd.vad import SpeechAudio, VadEvent, VadGate
 from streamd.vad import SpeechEnded as VadEnded
 from streamd.vad import SpeechStarted as VadStarted
 
 SAMPLE_RATE = 16_000
+
+
+class SpeechGate(Protocol):
+    """What the session needs of a VAD (`streamd.vad.VadGate`)."""
+
+    def feed(self, samples: np.ndarray) -> list[VadEvent]: ...
+
+    def flush(self) -> list[VadEvent]: ...
 
 
 @dataclass
@@ -66,6 +75,12 @@ class _Window:
 
     def start_piece(self, stream_sample: int) -> None:
         self.pieces.append((len(self.audio), stream_sample))
+
+    def new_speech(self, until: int) -> int:
+        """Samples of the utterance ending at `until` not yet covered by committed words."""
+        piece_start = max((o for o, _ in self.pieces if o < until), default=0)
+        done = self.window_sample(self.committed[-1].end) if self.committed else 0
+        return until - max(piece_start, done)
 
     def stream_end(self) -> int:
         offset, stream = self.pieces[-1]
@@ -103,6 +118,8 @@ class Session:
 
     language: ISO code, or None to detect (then fixed by the first committed words).
     vocabulary: tokens of a per-session prompt (names, jargon), always kept in the context.
+    vad: the speech gate; a `VadGate` built from `config.vad` unless one is given (tests pass a
+        scripted one).
     """
 
     def __init__(
@@ -112,6 +129,7 @@ class Session:
         language: str | None = None,
         task: str = "transcribe",
         vocabulary: tuple[int, ...] = (),
+        vad: SpeechGate | None = None,
     ) -> None:
         self.config = config or SessionConfig()
         self.session_id = session_id
@@ -119,7 +137,7 @@ class Session:
         self.task = task
         self.vocabulary = vocabulary
         self.stats = SessionStats()
-        self._vad = VadGate(self.config.vad)
+        self._vad: SpeechGate = vad or VadGate(self.config.vad)
         self._window = _Window()
         self._events: list[Event] = []
         self._prompt: deque[int] = deque(maxlen=self.config.prompt_tokens)
@@ -163,7 +181,7 @@ class Session:
         if timer is not None and now >= timer:
             self.finalize(now)
 
-    def _on_vad(self, event: VadStarted | SpeechAudio | VadEnded) -> None:
+    def _on_vad(self, event: VadEvent) -> None:
         w = self._window
         match event:
             case VadStarted(sample=sample):
@@ -191,19 +209,22 @@ class Session:
         max_samples = int(MAX_WINDOW_S * SAMPLE_RATE)
         if w.finals:
             until = w.finals[0]
-            committed_until = w.window_sample(w.committed[-1].end) if w.committed else 0
-            if until <= committed_until and not w.tentative:
-                w.finals.pop(0)  # nothing new since the last commit
+            too_short = w.new_speech(until) < self.config.min_window_ms * SAMPLE_RATE // 1000
+            if too_short and not w.tentative:
+                # nothing new since the last commit, or a blip too short to hold a word
+                w.finals.pop(0)
                 self._set_partial(None)
                 return self.decode_requests()
         else:
             until = len(w.audio)
-            uncommitted = until - (w.window_sample(w.committed[-1].end) if w.committed else 0)
             if until - w.requested_until < self.config.step_ms * SAMPLE_RATE // 1000:
                 return []
-            if uncommitted < self.config.min_window_ms * SAMPLE_RATE // 1000:
+            if w.new_speech(until) < self.config.min_window_ms * SAMPLE_RATE // 1000:
                 return []
         window = w.audio[: min(until, max_samples)]
+        committed_until = w.window_sample(w.committed[-1].end) if w.committed else 0
+        new_s = max(len(window) - committed_until, 0) / SAMPLE_RATE
+        guards = self.config.guards
         request = WindowRequest(
             session_id=self.session_id,
             request_id=self._next_request,
@@ -215,6 +236,8 @@ class Session:
             language=self.language,
             task=self.task,
             final=bool(w.finals) and w.finals[0] <= max_samples,
+            # one token over the guard's budget, so the guard still sees (and counts) a runaway
+            max_tokens=int(guards.max_tokens_per_s * new_s) + guards.token_slack + 1,
         )
         self._next_request += 1
         w.requested_until = len(window)
@@ -237,7 +260,11 @@ class Session:
         window_end_s = request.to_stream_s(len(request.audio) / SAMPLE_RATE)
         start_s = w.committed[-1].end if w.committed else request.to_stream_s(0.0)
         words = apply_guards(
-            result, max(window_end_s - start_s, 0.0), self.config.guards, self.stats.guards
+            result,
+            max(window_end_s - start_s, 0.0),
+            self.config.guards,
+            self.stats.guards,
+            forced=w.committed,
         )
         if not w.committed:
             words = strip_overlap(list(self._recent), words)

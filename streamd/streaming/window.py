@@ -23,6 +23,7 @@ class WindowRequest:
     prompt: committed tokens before the window (context); forced: committed tokens inside the
     window (the output must start with them); draft: the last tentative hypothesis after them.
     final: the utterance has ended; every word in the result will be committed.
+    max_tokens: a bound on new tokens for this much audio (a loop stops early, not at 224).
     """
 
     session_id: str
@@ -35,6 +36,7 @@ class WindowRequest:
     language: str | None
     task: str
     final: bool
+    max_tokens: int | None = None
 
     def to_stream_s(self, window_s: float) -> float:
         """Stream time (s) of a time inside the window (s)."""

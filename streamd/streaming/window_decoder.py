@@ -13,18 +13,32 @@ from streamd.decoding.greedy import DecodeRequest, GreedyDecoder
 from streamd.decoding.word_timing import align_words
 from streamd.engine.protocol import Engine
 from streamd.engine.torch_engine import TorchEngine
-from streamd.errors import EngineError
+from streamd.errors import ConfigError, EngineError
 from streamd.models.loader import LoadedModel
 from streamd.streaming.window import HypWord, WindowRequest, WindowResult
 
 HOP_SAMPLES = 160
+SAMPLE_RATE = 16_000
+# Encoder context buckets (DESIGN.md §3): a window is encoded padded to the smallest of these
+# that holds it, not always to 30 s. Streaming windows are mostly a few seconds long, and the
+# encoder is most of a step's cost. Measured in docs/benchmarks.md.
+DEFAULT_BUCKETS_S = (10, 20, 30)
 
 
 class WindowDecoder:
     """Decodes windows from any number of sessions; one instance per engine."""
 
-    def __init__(self, model: LoadedModel, engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        engine: Engine | None = None,
+        buckets_s: tuple[int, ...] = DEFAULT_BUCKETS_S,
+    ) -> None:
         self.model = model
+        full_s = 2 * model.dims.n_audio_ctx * HOP_SAMPLES // SAMPLE_RATE
+        if not buckets_s or max(buckets_s) != full_s or min(buckets_s) <= 0:
+            raise ConfigError(f"encoder buckets must be positive and end at {full_s} s")
+        self.buckets_s = tuple(sorted(buckets_s))
         self.engine: Engine = engine or TorchEngine(model.model, model.alignment_heads)
         self.decoder = GreedyDecoder(self.engine, model.tokenizer, model.is_multilingual)
 
@@ -43,11 +57,14 @@ class WindowDecoder:
         for r in requests:
             if not 0 < len(r.audio) <= N_SAMPLES:
                 raise EngineError(f"window of {len(r.audio)} samples: must be 1..{N_SAMPLES}")
+        longest_s = max(len(r.audio) for r in requests) / SAMPLE_RATE
+        bucket_s = next(b for b in self.buckets_s if b >= longest_s)
+        frames = bucket_s * SAMPLE_RATE // HOP_SAMPLES
         mel = torch.stack(
             [
                 log_mel_spectrogram(
                     torch.from_numpy(r.audio), self.model.dims.n_mels, padding=N_SAMPLES
-                )[:, : 2 * self.engine.n_audio_ctx]
+                )[:, :frames]
                 for r in requests
             ]
         )
@@ -62,6 +79,7 @@ class WindowDecoder:
                     language=r.language,
                     task=r.task,
                     without_timestamps=True,
+                    max_tokens=r.max_tokens,
                 )
                 for r in requests
             ],
