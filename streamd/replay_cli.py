@@ -42,7 +42,8 @@ class _Captions:
             self._render("")
         elif kind == "partial":
             self._render(message["text"])
-        elif kind == "speech_ended":
+        elif kind == "speech_started":
+            # not at speech_ended: the utterance's last final arrives just after it
             self.close_line()
 
     def close_line(self) -> None:

@@ -281,12 +281,6 @@ def test_speech_ending_at_a_step_edge_is_finalized_by_that_step() -> None:
     assert session.finished
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when the utterance end arrives after the step that already covered all of its "
-    "audio (end_stream / finalize / idle timer / a late VAD end), the identical window is "
-    "decoded again instead of committing the tentative words of that step",
-)
 @pytest.mark.parametrize("how", ["end_stream", "late_vad_end"])
 def test_end_after_a_step_that_covered_everything_costs_no_decode(how: str) -> None:
     if how == "end_stream":
@@ -452,12 +446,6 @@ def test_ten_minutes_without_speech_cost_nothing() -> None:
 THANK_YOU = spoken([" thank", " you"], start_s=0.3, word_s=0.3, pause_s=0.0)  # 0.3 .. 0.9
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the repetition guard looks only at the words after the forced prefix, so once "
-    "the first ' thank you' is committed, the loop's first copy after it is kept and committed "
-    "as well, again and again",
-)
 def test_a_loop_is_cut_and_only_its_first_copy_is_committed() -> None:
     engine = ScriptedEngine(THANK_YOU, loop_ngram=2, loop_copies=4)
     session, events = replay(engine, [(0.0, 4.0)], total_s=5.0)
@@ -626,6 +614,18 @@ def test_idle_timer_finalizes_an_utterance_the_client_stopped_sending() -> None:
     assert session.get_timer() is None  # not in speech any more
     assert not session.finished  # the stream itself goes on
 
+    # the client sends again: the speech that follows is a new utterance, right after the cut
+    more = stream_audio(4.4, [(0.0, 20.0)])[len(audio) :]
+    session.feed_audio(more, now=timer + 1)
+    assert session.events()[0] == SpeechStarted(2.9)
+    session.end_stream(now=timer + 1)
+    while requests := session.decode_requests():
+        for r in requests:
+            session.decode_done(r, engine.decode_one(r), now=timer + 1)
+    # 2.8-3.2 s was cut in two by the finalization: neither half is a word the engine heard
+    assert final_words(session.events()) == true_words(EIGHT[6:8])
+    assert session.finished
+
 
 # -- 12. determinism -----------------------------------------------------------------------
 
@@ -695,11 +695,6 @@ def test_a_word_is_committed_by_the_second_agreeing_step_outside_the_tail(
 # -- bugs found while writing these tests ----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the prompt holds every committed token, including those of words still in the "
-    "window, so each request carries them twice (as <|startofprev|> context and as forced)",
-)
 def test_prompt_holds_only_committed_words_before_the_window() -> None:
     words = spoken(distinct_words(38), start_s=0.3)
     vocabulary = (7, 8, 9)
@@ -712,11 +707,6 @@ def test_prompt_holds_only_committed_words_before_the_window() -> None:
         assert r.prompt == (*vocabulary, *before[-session.config.prompt_tokens :])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: under overload, _maybe_trim sees the whole buffer (not the decoded window) "
-    "reach force_commit_s with nothing committed, and cuts speech that was never decoded",
-)
 def test_overload_takes_larger_steps_and_loses_no_words() -> None:
     words = spoken(distinct_words(79), start_s=0.3)  # 0.3 .. 39.7
     region = (0.0, 40.3)
@@ -732,11 +722,6 @@ def test_overload_takes_larger_steps_and_loses_no_words() -> None:
     assert word_list(run.events) == [w.word for w in words]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: strip_overlap drops a new utterance's first word when it equals the last "
-    "committed word, however far apart they are in time",
-)
 def test_a_word_said_again_after_a_long_pause_is_not_dropped() -> None:
     first = spoken([" okay"], start_s=0.3)
     second = spoken([" okay", " next", " item"], start_s=40.3)

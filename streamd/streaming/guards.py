@@ -134,7 +134,11 @@ def apply_guards(
     if echo is not None:
         stats.count("echo", len(words) - echo)
         words = words[:echo]
-    cut = _loop_start(words, config)
+    # a loop may continue from committed words: look at them too, cut only the new part
+    context = list(forced or [])[-config.repeat_ngram_max * config.repeat_times :]
+    cut = _loop_start(context + words, config)
+    if cut is not None:
+        cut = max(cut - len(context), 0)
     if cut is None and result.compression_ratio > config.compression_ratio:
         cut = len(words) // 2  # a loop we could not localise: keep the part before it
     if cut is not None:

@@ -37,6 +37,8 @@ from streamd.vad import SpeechEnded as VadEnded
 from streamd.vad import SpeechStarted as VadStarted
 
 SAMPLE_RATE = 16_000
+# a repeat of the last committed words is an artefact of the cut only this close after it
+OVERLAP_WINDOW_S = 0.5
 
 
 class SpeechGate(Protocol):
@@ -143,6 +145,7 @@ class Session:
         self._prompt: deque[int] = deque(maxlen=self.config.prompt_tokens)
         self._recent: deque[HypWord] = deque(maxlen=8)  # last committed words, for overlap
         self._in_flight: WindowRequest | None = None
+        self._last_result: WindowResult | None = None  # the latest step's, until it is stale
         self._next_request = 0
         self._next_segment = 0
         self._partial: Partial | None = None
@@ -188,7 +191,7 @@ class Session:
                 gap_s = (sample - w.stream_end()) / SAMPLE_RATE if w.pieces else 0.0
                 if gap_s > self.config.context_gap_s and not w.finals:
                     w.trim_to(w.window_sample(w.committed[-1].end) if w.committed else 0)
-                    w.committed = []
+                    self._retire_committed()
                 w.start_piece(sample)
                 w.speaking = True
                 self._events.append(SpeechStarted(sample / SAMPLE_RATE))
@@ -209,6 +212,10 @@ class Session:
         max_samples = int(MAX_WINDOW_S * SAMPLE_RATE)
         if w.finals:
             until = w.finals[0]
+            if until == w.requested_until and self._last_result is not None:
+                # the last step already heard this whole utterance: its words are the final
+                self._finish_utterance(w.tentative, self._last_result)
+                return self.decode_requests()
             too_short = w.new_speech(until) < self.config.min_window_ms * SAMPLE_RATE // 1000
             if too_short and not w.tentative:
                 # nothing new since the last commit, or a blip too short to hold a word
@@ -228,7 +235,7 @@ class Session:
         request = WindowRequest(
             session_id=self.session_id,
             request_id=self._next_request,
-            pieces=tuple(w.pieces),
+            pieces=tuple(p for p in w.pieces if p[0] < len(window)),
             audio=window,
             prompt=(*self.vocabulary, *self._prompt),
             forced=tuple(t for h in w.committed for t in h.tokens),
@@ -266,16 +273,18 @@ class Session:
             self.stats.guards,
             forced=w.committed,
         )
-        if not w.committed:
-            words = strip_overlap(list(self._recent), words)
+        recent = self._recent
+        if (
+            not w.committed
+            and recent
+            and words
+            and (words[0].start < recent[-1].end + OVERLAP_WINDOW_S)
+        ):
+            words = strip_overlap(list(recent), words)
         # a step that reached the end of an utterance that has since ended is its final
         final = request.final or (bool(w.finals) and w.finals[0] == len(request.audio))
         if final:
-            self._commit(words, result)
-            w.tentative = []
-            w.finals.pop(0)
-            self._set_partial(None)
-            self._maybe_trim(len(request.audio) / SAMPLE_RATE)
+            self._finish_utterance(words, result)
             return
         window_s = len(request.audio) / SAMPLE_RATE
         stable_until = window_end_s - self.config.unstable_tail_ms / 1000
@@ -287,8 +296,19 @@ class Session:
             n = stable_count(words, agreed_prefix(w.tentative, words), stable_until)
         self._commit(words[:n], result)
         w.tentative = words[n:]
+        self._last_result = result
         self._maybe_trim(window_s)
         self._set_partial(w.tentative)
+
+    def _finish_utterance(self, words: list[HypWord], result: WindowResult) -> None:
+        """Commit every word of the utterance that ends at the first pending final point."""
+        w = self._window
+        end = w.finals.pop(0)
+        self._commit(words, result)
+        w.tentative = []
+        self._last_result = None
+        self._set_partial(None)
+        self._maybe_trim(end / SAMPLE_RATE)
 
     def _commit(self, words: list[HypWord], result: WindowResult) -> None:
         if not words:
@@ -297,7 +317,6 @@ class Session:
             self.language = result.language  # detected once, then kept: short windows flip
         self._window.committed.extend(words)
         self._recent.extend(words)
-        self._prompt.extend(t for w in words for t in w.tokens)
         self._events.append(
             Final(
                 segment=self._next_segment,
@@ -322,14 +341,20 @@ class Session:
         committed_until = w.window_sample(w.committed[-1].end) if w.committed else 0
         if w.committed and (committed_until / SAMPLE_RATE >= self.config.trim_after_s or long):
             w.trim_to(committed_until)
-            w.committed = []
-            self.stats.trims += 1
-        elif long:
+            self._retire_committed()
+        elif window_s >= self.config.force_commit_s:
             # Nothing committed in a window this long: the words never came (noise the guards
-            # rejected). Keep the recent part so the window stays under 30 s.
-            w.trim_to(len(w.audio) - round(self.config.trim_after_s * SAMPLE_RATE))
+            # rejected). Keep its recent part; audio after the decoded window is kept whole.
+            w.trim_to(round((window_s - self.config.trim_after_s) * SAMPLE_RATE))
             w.tentative = []
             self.stats.trims += 1
+
+    def _retire_committed(self) -> None:
+        """Committed words leave the window (trimmed off): they become prompt context."""
+        w = self._window
+        self._prompt.extend(t for h in w.committed for t in h.tokens)
+        w.committed = []
+        self.stats.trims += 1
 
     def _set_partial(self, words: list[HypWord] | None) -> None:
         if words:
