@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import unicodedata
+import warnings
 
 import jiwer
 from whisper.normalizers import EnglishTextNormalizer
 
-_english = EnglishTextNormalizer()
+with warnings.catch_warnings():
+    # openai-whisper reads its spelling table without closing the file
+    warnings.simplefilter("ignore", ResourceWarning)
+    _english = EnglishTextNormalizer()
 
 
 def normalize(text: str, language: str) -> str:

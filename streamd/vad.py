@@ -110,10 +110,12 @@ class SpeechAudio:
 @dataclass(frozen=True)
 class SpeechEnded:
     """The utterance's audio ends at `sample` (hangover included); voice last heard at
-    `last_voiced_sample` (the end of the last voiced frame), which is where its words end."""
+    `last_voiced_sample` (the end of the last voiced frame), which is where its words end, and
+    last confirmed as foreground speech at `last_foreground_sample` (no later than that)."""
 
     sample: int
     last_voiced_sample: int
+    last_foreground_sample: int = -1
 
 
 VadEvent = SpeechStarted | SpeechAudio | SpeechEnded
@@ -279,7 +281,7 @@ class VadGate:
         self._recent.clear()
 
     def _end(self, at: int, out: _EventBuilder) -> None:
-        out.end(SpeechEnded(at, self._last_voiced_end))
+        out.end(SpeechEnded(at, self._last_voiced_end, self._last_foreground_end))
         self._in_speech = False
         self._emitted_until = at
 

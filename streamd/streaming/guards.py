@@ -47,6 +47,8 @@ class GuardConfig:
     repeat_ngram_max: int = 4  # look for word n-grams up to this long...
     repeat_times: int = 3  # ...repeated this many times in a row
     echo_words: int = 3  # the window's first forced words written again: it started over
+    edge_s: float = 0.15  # a word starting this close to the end of the audio...
+    min_word_s: float = 0.03  # ...and shorter than this was not heard
     max_tokens_per_s: float = 12.0  # fast speech is ~5-7 tokens/s; above this is a runaway
     token_slack: int = 8  # tokens allowed on top of the rate, for very short windows
     weak_logprob: float = -0.7  # "weak evidence" for the phrase list
@@ -119,10 +121,12 @@ def apply_guards(
     config: GuardConfig,
     stats: GuardStats,
     forced: list[HypWord] | None = None,
+    window_end_s: float | None = None,
 ) -> list[HypWord]:
     """The words of `result` worth believing; drops are counted in `stats` by guard name.
 
     forced: the committed words the window starts with (its forced prefix).
+    window_end_s: where the window's audio ends (stream time).
     """
     words = list(result.words)
     if not words:
@@ -130,6 +134,15 @@ def apply_guards(
     if result.no_speech_prob > config.no_speech_prob and result.avg_logprob < config.logprob:
         stats.count("no_speech", len(words))
         return []
+    if window_end_s is not None:
+        # Words the alignment squeezed into nothing at the very end of the audio were not
+        # heard: Whisper wrote on past what it was given ("Ask not. Ask not." at the end).
+        for i, w in enumerate(words):
+            edge = w.start >= window_end_s - config.edge_s
+            if edge and w.end - w.start < config.min_word_s:
+                stats.count("beyond_audio", len(words) - i)
+                words = words[:i]
+                break
     echo = _echo_start(words, forced or [], config.echo_words)
     if echo is not None:
         stats.count("echo", len(words) - echo)

@@ -39,6 +39,8 @@ from streamd.vad import SpeechStarted as VadStarted
 SAMPLE_RATE = 16_000
 # a repeat of the last committed words is an artefact of the cut only this close after it
 OVERLAP_WINDOW_S = 0.5
+# a word starting this long after the VAD's last foreground frame is not the speaker's
+HANGOVER_WORD_MARGIN_S = 0.3
 
 
 class SpeechGate(Protocol):
@@ -74,6 +76,8 @@ class _Window:
     requested_until: int = 0  # window samples covered by the last request
     speaking: bool = False
     finals: list[int] = field(default_factory=list)  # utterances ended here (window samples)
+    # per pending final: the stream time after which the VAD heard no foreground speech
+    speech_until_s: list[float] = field(default_factory=list)
 
     def start_piece(self, stream_sample: int) -> None:
         self.pieces.append((len(self.audio), stream_sample))
@@ -112,7 +116,7 @@ class _Window:
         self.pieces = pieces
         self.audio = self.audio[cut:]
         self.requested_until = max(self.requested_until - cut, 0)
-        self.finals = [max(f - cut, 0) for f in self.finals]
+        self.finals = [max(f - cut, 0) for f in self.finals]  # speech_until_s is stream time
 
 
 class Session:
@@ -197,9 +201,10 @@ class Session:
                 self._events.append(SpeechStarted(sample / SAMPLE_RATE))
             case SpeechAudio(samples=samples):
                 w.audio = np.concatenate([w.audio, samples.astype(np.float32, copy=False)])
-            case VadEnded(sample=sample):
+            case VadEnded(sample=sample, last_foreground_sample=foreground):
                 w.speaking = False
                 w.finals.append(len(w.audio))
+                w.speech_until_s.append((foreground if foreground >= 0 else sample) / SAMPLE_RATE)
                 self._events.append(SpeechEnded(sample / SAMPLE_RATE))
 
     # -- work for the engine ----------------------------------------------------------------------
@@ -272,15 +277,11 @@ class Session:
             self.config.guards,
             self.stats.guards,
             forced=w.committed,
+            window_end_s=window_end_s,
         )
-        recent = self._recent
-        if (
-            not w.committed
-            and recent
-            and words
-            and (words[0].start < recent[-1].end + OVERLAP_WINDOW_S)
-        ):
-            words = strip_overlap(list(recent), words)
+        recent = w.committed or list(self._recent)
+        if recent and words and words[0].start < recent[-1].end + OVERLAP_WINDOW_S:
+            words = strip_overlap(recent, words)
         # a step that reached the end of an utterance that has since ended is its final
         final = request.final or (bool(w.finals) and w.finals[0] == len(request.audio))
         if final:
@@ -304,7 +305,12 @@ class Session:
         """Commit every word of the utterance that ends at the first pending final point."""
         w = self._window
         end = w.finals.pop(0)
-        self._commit(words, result)
+        speech_until = w.speech_until_s.pop(0)
+        # Words that begin well after the last foreground speech are in the hangover: the VAD
+        # kept that audio so word tails are not clipped, but what starts there is murmur.
+        kept = [h for h in words if h.start < speech_until + HANGOVER_WORD_MARGIN_S]
+        self.stats.guards.count("after_speech", len(words) - len(kept))
+        self._commit(kept, result)
         w.tentative = []
         self._last_result = None
         self._set_partial(None)

@@ -1,0 +1,125 @@
+"""The streaming pipeline on real audio and real weights: Session + VAD + WindowDecoder.
+
+Virtual clock (deterministic). Gap audio is generated (tests/synth.py): digital silence, white
+and pink noise at -50 dBFS, murmur (quiet espeak-ng voices, low-passed) at -35 dBFS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import pytest
+
+from bench.scoring import error_rate
+from streamd.cli import main
+from streamd.models.loader import load_model
+from streamd.streaming.events import Final, Partial, SpeechEnded, SpeechStarted
+from streamd.streaming.replay import replay_realtime, replay_virtual
+from streamd.streaming.session import Session
+from streamd.streaming.window import WindowRequest, WindowResult
+from streamd.streaming.window_decoder import WindowDecoder
+from tests.synth import build_stream, gap_audio
+
+GAP_MARGIN_S = 0.2
+
+
+@pytest.fixture(scope="module")
+def tiny() -> WindowDecoder:
+    return WindowDecoder(load_model("tiny.en"))
+
+
+def _never(requests: list[WindowRequest]) -> list[WindowResult]:
+    raise AssertionError(f"non-speech audio reached the engine: {len(requests)} requests")
+
+
+def test_ten_minutes_of_silence_and_noise_never_reach_the_engine() -> None:
+    parts = [
+        gap_audio(kind, 150.0, seed=i)  # type: ignore[arg-type]
+        for i, kind in enumerate(("silence", "white", "pink", "murmur"))
+    ]
+    audio = np.concatenate(parts)
+    assert len(audio) / 16000 == pytest.approx(600.0)
+    session = Session(language="en")
+    emitted = replay_virtual(session, audio, _never, chunk_ms=40)
+    assert emitted == []
+    assert session.stats.requests == 0
+    assert session.finished
+
+
+def test_clips_between_silence_noise_and_murmur(tiny: WindowDecoder) -> None:
+    files = ["en/librispeech_a_man_said.flac", "en/jfk.flac", "en/librispeech_mister_quilter.flac"]
+    audio, utterances, gaps = build_stream(files, ["murmur", "pink", "white", "murmur"], seed=3)
+    session = Session(language="en")
+    emitted = replay_virtual(session, audio, tiny.decode)
+    finals = [e.event for e in emitted if isinstance(e.event, Final)]
+    words = [w for f in finals for w in f.words]
+    in_gaps = [
+        w.word
+        for w in words
+        for g in gaps
+        if g.start_s + GAP_MARGIN_S < (w.start + w.end) / 2 < g.end_s - GAP_MARGIN_S
+    ]
+    assert in_gaps == []
+    hyp = "".join(f.text for f in finals)
+    wer = error_rate([" ".join(u.text for u in utterances)], [hyp], "en")
+    assert wer < 0.15, hyp
+    # every word is in exactly one final, finals in order and never overlapping
+    starts = [w.start for w in words]
+    assert starts == sorted(starts)
+    assert [f.segment for f in finals] == list(range(len(finals)))
+    # the session said when speech started and ended, and partials came before finals
+    kinds = [type(e.event) for e in emitted]
+    assert kinds.count(SpeechStarted) >= len(files)
+    assert kinds.count(SpeechEnded) == kinds.count(SpeechStarted)
+    assert Partial in kinds
+    assert session.stats.guards.dropped_words.total() >= 0
+    assert session.stats.accepted_tokens > 0  # drafts were verified, not re-decoded
+
+
+def test_realtime_replay_emits_in_wall_time(tiny: WindowDecoder) -> None:
+    audio, _, _ = build_stream(["en/librispeech_a_man_said.flac"], ["silence", "silence"], seed=1)
+    session = Session(language="en")
+    started = time.perf_counter()
+    emitted = asyncio.run(replay_realtime(session, audio, tiny.decode))
+    wall = time.perf_counter() - started
+    duration = len(audio) / 16000
+    finals = [e for e in emitted if isinstance(e.event, Final)]
+    text = "".join(e.event.text for e in finals)  # type: ignore[union-attr]
+    assert error_rate(["A MAN SAID TO THE UNIVERSE SIR I EXIST"], [text], "en") < 0.2, text
+    # computation-aware: nothing comes out before its audio has been fed
+    for e in emitted:
+        assert e.emitted_at >= getattr(e.event, "end", getattr(e.event, "t", 0.0)) - 0.05
+    assert wall >= duration - 0.05  # fed at the pace of the audio
+
+
+def test_replay_cli_jsonl(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    from tests.audio_fixtures import shared_audio_dir
+
+    path = shared_audio_dir() / "en" / "librispeech_1089-134686-0001.wav"
+    assert (
+        main(["replay", str(path), "--jsonl", "--format", "srt", "--output-dir", str(tmp_path)])
+        == 0
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0]["type"] == "speech_started"
+    assert [m["seq"] for m in lines] == list(range(1, len(lines) + 1))
+    finals = [m for m in lines if m["type"] == "final"]
+    assert finals and all("emitted_at" in m and "words" in m for m in finals)
+    text = "".join(m["text"] for m in finals)
+    assert error_rate(["STUFF IT INTO YOU HIS BELLY COUNSELLED HIM"], [text], "en") < 0.3
+    srt = (tmp_path / "librispeech_1089-134686-0001.srt").read_text()
+    assert "-->" in srt and "belly" in srt.lower()
+
+
+def test_replay_cli_captions_on_a_pipe(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.audio_fixtures import shared_audio_dir
+
+    assert main(["replay", str(shared_audio_dir() / "en" / "jfk.flac")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out  # no terminal control codes into a pipe
+    flat = " ".join(out.lower().replace(",", "").replace(".", "").split())
+    assert "ask not what your country can do for you" in flat
+    assert len(out.splitlines()) >= 2  # one caption line per utterance
