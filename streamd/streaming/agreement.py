@@ -30,8 +30,16 @@ def agreed_prefix(previous: Sequence[HypWord], current: Sequence[HypWord]) -> in
     return n
 
 
-def stable_count(words: Sequence[HypWord], n: int, stable_until_s: float) -> int:
-    """The first `n` words, less any that end inside the unstable tail."""
+def stable_count(
+    words: Sequence[HypWord], n: int, stable_until_s: float, min_probability: float = 0.0
+) -> int:
+    """The first `n` words, less any that end inside the unstable tail, and cut before the first
+    word the model itself doubts (two steps can agree on the same wrong split of a word:
+    "context she" for "contextually"; such a word waits for more audio or the final)."""
+    for i in range(n):
+        if words[i].probability < min_probability:
+            n = i
+            break
     while n and words[n - 1].end > stable_until_s:
         n -= 1
     return n

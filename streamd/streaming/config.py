@@ -25,6 +25,8 @@ class SessionConfig:
         (a client that stops sending without `end`).
     context_gap_s: an utterance after a longer pause starts a fresh window (earlier speech
         stays in the text prompt only).
+    min_commit_probability: agreement commits no word the model gives less than this; it waits
+        for the utterance's final.
     """
 
     vad: VadConfig = field(default_factory=VadConfig)
@@ -37,6 +39,7 @@ class SessionConfig:
     prompt_tokens: int = 200
     idle_finalize_ms: int = 2000
     context_gap_s: float = 30.0
+    min_commit_probability: float = 0.5
 
     def __post_init__(self) -> None:
         from streamd.errors import ConfigError

@@ -47,6 +47,7 @@ class GuardConfig:
     repeat_ngram_max: int = 4  # look for word n-grams up to this long...
     repeat_times: int = 3  # ...repeated this many times in a row
     echo_words: int = 3  # the window's first forced words written again: it started over
+    doubtful_probability: float = 0.3  # mean word probability; with avg_logprob < logprob
     edge_s: float = 0.15  # a word starting this close to the end of the audio...
     min_word_s: float = 0.03  # ...and shorter than this was not heard
     max_tokens_per_s: float = 12.0  # fast speech is ~5-7 tokens/s; above this is a runaway
@@ -143,6 +144,11 @@ def apply_guards(
                 stats.count("beyond_audio", len(words) - i)
                 words = words[:i]
                 break
+    mean_probability = sum(w.probability for w in words) / len(words) if words else 1.0
+    if result.avg_logprob < config.logprob and mean_probability < config.doubtful_probability:
+        # what the model wrote it does not believe itself: a breath, noise, a stray syllable
+        stats.count("low_confidence", len(words))
+        return []
     echo = _echo_start(words, forced or [], config.echo_words)
     if echo is not None:
         stats.count("echo", len(words) - echo)

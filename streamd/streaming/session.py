@@ -291,10 +291,11 @@ class Session:
         stable_until = window_end_s - self.config.unstable_tail_ms / 1000
         if window_s >= self.config.force_commit_s:
             # no time left to wait for agreement
-            n = stable_count(words, len(words), stable_until)
+            n = stable_count(words, len(words), stable_until)  # no time to wait for agreement
             self.stats.forced_commits += 1
         else:
-            n = stable_count(words, agreed_prefix(w.tentative, words), stable_until)
+            agreed = agreed_prefix(w.tentative, words)
+            n = stable_count(words, agreed, stable_until, self.config.min_commit_probability)
         self._commit(words[:n], result)
         w.tentative = words[n:]
         self._last_result = result

@@ -38,6 +38,16 @@ class WindowRequest:
     final: bool
     max_tokens: int | None = None
 
+    def piece_start_s(self, window_s: float) -> float:
+        """Stream time where the piece holding `window_s` begins."""
+        sample = round(window_s * SAMPLE_RATE)
+        stream = self.pieces[0][1]
+        for o, st in self.pieces:
+            if o > sample:
+                break
+            stream = st
+        return stream / SAMPLE_RATE
+
     def to_stream_s(self, window_s: float) -> float:
         """Stream time (s) of a time inside the window (s)."""
         sample = round(window_s * SAMPLE_RATE)

@@ -96,7 +96,13 @@ class WindowDecoder:
             )
             words = tuple(
                 HypWord(
-                    w.word, r.to_stream_s(w.start), r.to_stream_s(w.end), w.probability, w.tokens
+                    w.word,
+                    # a word whose alignment starts before its piece (in a cut-out gap) starts
+                    # with the piece
+                    max(r.to_stream_s(w.start), r.piece_start_s(w.end)),
+                    r.to_stream_s(w.end),
+                    w.probability,
+                    w.tokens,
                 )
                 for w in timed
                 if w.first_token >= len(d.forced)
