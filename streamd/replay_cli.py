@@ -21,6 +21,11 @@ def add_parser(sub: argparse._SubParsersAction, add_model_flags) -> None:  # typ
     r.add_argument("--prompt", default=None, help="vocabulary prompt for this stream")
     r.add_argument("--step-ms", type=int, default=None, help="decode every N ms of new speech")
     r.add_argument(
+        "--encoder-buckets",
+        default="30",
+        help="encoder context buckets in seconds, e.g. 10,20,30 (faster, see docs/benchmarks.md)",
+    )
+    r.add_argument(
         "--format", choices=("srt", "vtt"), default=None, help="also write finals as subtitles"
     )
     r.add_argument("--output-dir", type=Path, default=None)
@@ -78,7 +83,13 @@ def run(args: argparse.Namespace, load) -> int:  # type: ignore[no-untyped-def]
         raise ConfigError("--format needs --output-dir")
     audio = load_audio(args.file)
     model = load(args)
-    decoder = WindowDecoder(model)
+    try:
+        buckets = tuple(int(b) for b in args.encoder_buckets.split(","))
+    except ValueError as exc:
+        raise ConfigError(
+            f"--encoder-buckets: {args.encoder_buckets!r} is not a list of seconds"
+        ) from exc
+    decoder = WindowDecoder(model, buckets_s=buckets)
     config = SessionConfig() if args.step_ms is None else SessionConfig(step_ms=args.step_ms)
     vocabulary: tuple[int, ...] = ()
     if args.prompt:

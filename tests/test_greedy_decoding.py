@@ -17,7 +17,6 @@ Run with `pytest -s` to see the forward passes saved.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -41,14 +40,7 @@ JFK = "en/jfk.flac"
 TOLERANCE = 1e-4  # avg_logprob and no_speech_prob, fp32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Decoding runs many tiny ops; with two OpenMP threads on a shared two-core machine every
-    # op waits for a busy core (measured 7x slower decoding).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass

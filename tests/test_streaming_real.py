@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from bench.scoring import error_rate
 from streamd.cli import main
@@ -24,6 +25,10 @@ from streamd.streaming.window_decoder import WindowDecoder
 from tests.synth import build_stream, gap_audio
 
 GAP_MARGIN_S = 0.2
+JFK_TEXT = (
+    "and so my fellow americans ask not what your country can do for you "
+    "ask what you can do for your country"
+)
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +128,35 @@ def test_replay_cli_captions_on_a_pipe(capsys: pytest.CaptureFixture[str]) -> No
     flat = " ".join(out.lower().replace(",", "").replace(".", "").split())
     assert "ask not what your country can do for you" in flat
     assert len(out.splitlines()) >= 2  # one caption line per utterance
+
+
+def test_encoder_context_buckets(tiny: WindowDecoder) -> None:
+    """Bucketed windows encode fewer frames and still transcribe (the capacity lever)."""
+    from streamd.errors import ConfigError
+
+    bucketed = WindowDecoder(tiny.model, tiny.engine, buckets_s=(10, 20, 30))
+    audio, _, _ = build_stream(["en/jfk.flac"], ["silence", "silence"], seed=2)
+    encoded: list[int] = []
+    encode = bucketed.engine.encode
+
+    def spy(mel: torch.Tensor) -> torch.Tensor:
+        encoded.append(mel.shape[-1])
+        return encode(mel)
+
+    bucketed.engine.encode = spy  # type: ignore[method-assign]
+    try:
+        emitted = replay_virtual(Session(language="en"), audio, bucketed.decode)
+    finally:
+        del bucketed.engine.encode  # back to the class's method (shared engine)
+    text = "".join(e.event.text for e in emitted if isinstance(e.event, Final))
+    assert (
+        error_rate(
+            [JFK_TEXT],
+            [text],
+            "en",
+        )
+        < 0.15
+    ), text
+    assert set(encoded) <= {1000, 2000, 3000} and 1000 in encoded
+    with pytest.raises(ConfigError):
+        WindowDecoder(tiny.model, tiny.engine, buckets_s=(10, 20))

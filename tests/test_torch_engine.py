@@ -18,7 +18,7 @@ Run with `pytest -s` to see the measured differences.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -46,14 +46,7 @@ VS_OPENAI = 1e-4  # fp32, our decoder vs openai-whisper's (different kernels, sa
 VS_OURS = 5e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Each decoder op here is tiny; with two OpenMP threads on a shared two-core machine every
-    # op waits for a busy core (measured 7x slower), and one thread loses little on the encoder.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass

@@ -11,7 +11,6 @@ Run with `pytest -s` to see the measured timing error.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,14 +42,7 @@ VS_OPENAI_MEAN_S = 0.2  # mean |start - openai's start| per word
 FRAME_S = 0.02  # one DTW step (whisper's TOKENS_PER_SECOND = 50)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Decoding runs many tiny ops; with two OpenMP threads on a shared two-core machine every
-    # op waits for a busy core (measured 7x slower decoding).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass

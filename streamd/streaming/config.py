@@ -39,7 +39,7 @@ class SessionConfig:
     prompt_tokens: int = 200
     idle_finalize_ms: int = 2000
     context_gap_s: float = 30.0
-    min_commit_probability: float = 0.5
+    min_commit_probability: float = 0.7
 
     def __post_init__(self) -> None:
         from streamd.errors import ConfigError

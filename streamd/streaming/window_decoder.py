@@ -20,9 +20,11 @@ from streamd.streaming.window import HypWord, WindowRequest, WindowResult
 HOP_SAMPLES = 160
 SAMPLE_RATE = 16_000
 # Encoder context buckets (DESIGN.md §3): a window is encoded padded to the smallest of these
-# that holds it, not always to 30 s. Streaming windows are mostly a few seconds long, and the
-# encoder is most of a step's cost. Measured in docs/benchmarks.md.
-DEFAULT_BUCKETS_S = (10, 20, 30)
+# that holds it. (10, 20, 30) makes a step ~35% cheaper, but on our English stream it cost
+# 1-2 more word errors per 150 and Whisper writes past the audio far more often (the guards
+# catch it, at the price of decoder passes); docs/benchmarks.md has the numbers. Quality first
+# by default: always 30 s. `--encoder-buckets 10,20,30` trades it for capacity.
+DEFAULT_BUCKETS_S = (30,)
 
 
 class WindowDecoder:
