@@ -42,6 +42,7 @@ class Report:
     language: str
     model: str
     mode: str
+    encoder_buckets_s: tuple[int, ...]
     audio_s: float
     utterances: int
     error_streaming: float
@@ -117,13 +118,13 @@ def _score(
     return error, latencies, first_partials, gap_words
 
 
-def run(language: str, virtual: bool, seed: int) -> Report:
+def run(language: str, virtual: bool, seed: int, buckets_s: tuple[int, ...] = (30,)) -> Report:
     model_name = MODEL_FOR_LANGUAGE[language]
     files = [m["file"] for m in manifest() if m["language"] == language]
     gaps_kinds = [GAP_KINDS[i % len(GAP_KINDS)] for i in range(len(files) + 1)]
     audio, utterances, gaps = build_stream(files, gaps_kinds, seed=seed)  # type: ignore[arg-type]
     model = load_model(model_name)
-    decoder = WindowDecoder(model)
+    decoder = WindowDecoder(model, buckets_s=buckets_s)
     offline = Transcriber(model, decoder.engine).transcribe(
         audio, TranscribeOptions(language=language)
     )
@@ -145,6 +146,7 @@ def run(language: str, virtual: bool, seed: int) -> Report:
         language=language,
         model=model_name,
         mode="virtual" if virtual else "realtime",
+        encoder_buckets_s=buckets_s,
         audio_s=round(audio_s, 2),
         utterances=len(utterances),
         error_streaming=round(error, 4),
@@ -170,8 +172,10 @@ def main() -> None:
     parser.add_argument("--virtual", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--encoder-buckets", default="30", help="e.g. 10,20,30")
     args = parser.parse_args()
-    report = run(args.language, args.virtual, args.seed)
+    buckets = tuple(int(b) for b in args.encoder_buckets.split(","))
+    report = run(args.language, args.virtual, args.seed, buckets)
     for key, value in asdict(report).items():
         print(f"{key:>28}: {value}")
     if args.json:
