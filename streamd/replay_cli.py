@@ -6,13 +6,20 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from streamd.errors import ConfigError
 
+if TYPE_CHECKING:
+    from streamd.models.loader import LoadedModel
 
-def add_parser(sub: argparse._SubParsersAction, add_model_flags) -> None:  # type: ignore[no-untyped-def]
+
+def add_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    add_model_flags: Callable[[argparse.ArgumentParser], None],
+) -> None:
     r = sub.add_parser("replay", help="stream a file through the live pipeline")
     r.add_argument("file", type=Path)
     add_model_flags(r)
@@ -68,7 +75,8 @@ class _Captions:
             self.out.flush()
 
 
-def run(args: argparse.Namespace, load) -> int:  # type: ignore[no-untyped-def]
+def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedModel]) -> int:
+    """Replay `args.file`; `load` gives the model for the model flags."""
     from streamd.audio import load_audio
     from streamd.decoding.result import Segment, Transcript
     from streamd.protocol import event_message
