@@ -80,7 +80,6 @@ def test_clips_between_silence_noise_and_murmur(tiny: WindowDecoder) -> None:
     assert kinds.count(SpeechStarted) >= len(files)
     assert kinds.count(SpeechEnded) == kinds.count(SpeechStarted)
     assert Partial in kinds
-    assert session.stats.guards.dropped_words.total() >= 0
     assert session.stats.accepted_tokens > 0  # drafts were verified, not re-decoded
 
 
