@@ -75,7 +75,7 @@ def test_clips_between_silence_noise_and_murmur(tiny: WindowDecoder) -> None:
     starts = [w.start for w in words]
     assert starts == sorted(starts)
     assert [f.segment for f in finals] == list(range(len(finals)))
-    # the session said when speech started and ended, and partials came before finals
+    # the session said when speech started and ended, and showed partials
     kinds = [type(e.event) for e in emitted]
     assert kinds.count(SpeechStarted) >= len(files)
     assert kinds.count(SpeechEnded) == kinds.count(SpeechStarted)
