@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,11 +96,7 @@ def parity(request: pytest.FixtureRequest) -> Iterator[Parity]:
     loaded = load_model(case.model)
     audio = load_audio(audio_path)
     mel = whisper.audio.log_mel_spectrogram(whisper.audio.pad_or_trim(audio), loaded.dims.n_mels)
-    with warnings.catch_warnings():
-        # openai-whisper's tokenizer reads its .tiktoken file with a bare `open()` and never
-        # closes it (whisper/tokenizer.py get_encoding, lru-cached, so only the first load).
-        warnings.simplefilter("ignore", ResourceWarning)
-        tokenizer = loaded.tokenizer(case.language)
+    tokenizer = loaded.tokenizer(case.language)
     prompt = list(tokenizer.sot_sequence_including_notimestamps)
 
     # CTranslate2 reads the whole model.bin into memory, so a joined copy can go at once.

@@ -7,10 +7,10 @@ so that operators can see what is being dropped.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from streamd.streaming.agreement import word_key
 from streamd.streaming.window import HypWord, WindowResult
 
 # Known Whisper hallucinations (subtitle credits and sign-offs learned from its training data).
@@ -34,7 +34,7 @@ HALLUCINATION_PHRASES = (
 )
 
 # compared without spaces or punctuation: Japanese has no spaces, and Whisper's word split varies
-_PHRASE_KEYS = frozenset(re.sub(r"[^\w]", "", p.lower()) for p in HALLUCINATION_PHRASES)
+_PHRASE_KEYS = frozenset(word_key(p) for p in HALLUCINATION_PHRASES)
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,9 @@ class GuardStats:
             self.dropped_words[guard] += words
 
 
-def _norm(word: str) -> str:
-    return re.sub(r"[^\w]", "", word.lower())
-
-
 def _loop_start(words: list[HypWord], config: GuardConfig) -> int | None:
     """Index where a run of `repeat_times` identical n-grams starts (keeping one copy), or None."""
-    keys = [_norm(w.word) for w in words]
+    keys = [word_key(w.word) for w in words]
     for n in range(1, config.repeat_ngram_max + 1):
         for i in range(len(keys) - n * config.repeat_times + 1):
             gram = keys[i : i + n]
@@ -90,7 +86,7 @@ def _loop_start(words: list[HypWord], config: GuardConfig) -> int | None:
 def _is_known_phrase(words: list[HypWord]) -> bool:
     """The whole hypothesis is one known hallucination (a real sentence merely containing
     "thank you" is left alone)."""
-    squashed = "".join(_norm(w.word) for w in words)
+    squashed = "".join(word_key(w.word) for w in words)
     return squashed in _PHRASE_KEYS
 
 
@@ -102,8 +98,8 @@ def _echo_start(words: list[HypWord], forced: list[HypWord], min_words: int) -> 
     repeat of the window's *beginning* counts: speakers repeat phrases ("ask not what your
     country can do for you, ask what you can do for your country").
     """
-    done = [_norm(w.word) for w in forced]
-    new = [_norm(w.word) for w in words]
+    done = [word_key(w.word) for w in forced]
+    new = [word_key(w.word) for w in words]
     head = done[:min_words]
     # a longer verbatim run of earlier words, anywhere, is a re-reading too (rare in speech)
     long = min_words + 1

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
+from streamd.audio import SAMPLE_RATE
 from streamd.decoding.result import Word
 from streamd.errors import SessionStateError
 from streamd.streaming.agreement import agreed_prefix, stable_count, strip_overlap
@@ -36,7 +37,6 @@ from streamd.vad import SpeechAudio, VadEvent, VadGate
 from streamd.vad import SpeechEnded as VadEnded
 from streamd.vad import SpeechStarted as VadStarted
 
-SAMPLE_RATE = 16_000
 # a repeat of the last committed words is an artefact of the cut only this close after it
 OVERLAP_WINDOW_S = 0.5
 # a word starting this long after the VAD's last foreground frame is not the speaker's
@@ -82,11 +82,17 @@ class _Window:
     def start_piece(self, stream_sample: int) -> None:
         self.pieces.append((len(self.audio), stream_sample))
 
+    def committed_until(self) -> int:
+        """Window sample where the committed words end (0: none)."""
+        return self.window_sample(self.committed[-1].end) if self.committed else 0
+
     def new_speech(self, until: int) -> int:
         """Samples of the utterance ending at `until` not yet covered by committed words."""
         piece_start = max((o for o, _ in self.pieces if o < until), default=0)
-        done = self.window_sample(self.committed[-1].end) if self.committed else 0
-        return until - max(piece_start, done)
+        return until - max(piece_start, self.committed_until())
+
+    def _piece_end(self, i: int) -> int:
+        return self.pieces[i + 1][0] if i + 1 < len(self.pieces) else len(self.audio)
 
     def stream_end(self) -> int:
         offset, stream = self.pieces[-1]
@@ -96,7 +102,7 @@ class _Window:
         """Window sample of a stream time (the start of the next piece if it is in a gap)."""
         sample = round(stream_s * SAMPLE_RATE)
         for i, (offset, stream) in enumerate(self.pieces):
-            end = self.pieces[i + 1][0] if i + 1 < len(self.pieces) else len(self.audio)
+            end = self._piece_end(i)
             if sample < stream:
                 return offset
             if sample < stream + end - offset:
@@ -108,7 +114,7 @@ class _Window:
         cut = min(max(cut, 0), len(self.audio))
         pieces = []
         for i, (offset, stream) in enumerate(self.pieces):
-            end = self.pieces[i + 1][0] if i + 1 < len(self.pieces) else len(self.audio)
+            end = self._piece_end(i)
             if end <= cut and i + 1 < len(self.pieces):
                 continue
             skip = max(cut - offset, 0)
@@ -194,7 +200,7 @@ class Session:
             case VadStarted(sample=sample):
                 gap_s = (sample - w.stream_end()) / SAMPLE_RATE if w.pieces else 0.0
                 if gap_s > self.config.context_gap_s and not w.finals:
-                    w.trim_to(w.window_sample(w.committed[-1].end) if w.committed else 0)
+                    w.trim_to(w.committed_until())
                     self._retire_committed()
                 w.start_piece(sample)
                 w.speaking = True
@@ -234,8 +240,7 @@ class Session:
             if w.new_speech(until) < self.config.min_window_ms * SAMPLE_RATE // 1000:
                 return []
         window = w.audio[: min(until, max_samples)]
-        committed_until = w.window_sample(w.committed[-1].end) if w.committed else 0
-        new_s = max(len(window) - committed_until, 0) / SAMPLE_RATE
+        new_s = max(len(window) - w.committed_until(), 0) / SAMPLE_RATE
         guards = self.config.guards
         request = WindowRequest(
             session_id=self.session_id,
@@ -290,7 +295,6 @@ class Session:
         window_s = len(request.audio) / SAMPLE_RATE
         stable_until = window_end_s - self.config.unstable_tail_ms / 1000
         if window_s >= self.config.force_commit_s:
-            # no time left to wait for agreement
             n = stable_count(words, len(words), stable_until)  # no time to wait for agreement
             self.stats.forced_commits += 1
         else:
@@ -345,7 +349,7 @@ class Session:
         long = window_s >= self.config.force_commit_s or len(w.audio) / SAMPLE_RATE >= (
             self.config.force_commit_s
         )
-        committed_until = w.window_sample(w.committed[-1].end) if w.committed else 0
+        committed_until = w.committed_until()
         if w.committed and (committed_until / SAMPLE_RATE >= self.config.trim_after_s or long):
             w.trim_to(committed_until)
             self._retire_committed()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLE_RATE = 16_000
+from streamd.audio import SAMPLE_RATE
 
 
 @dataclass(frozen=True)
@@ -38,24 +38,23 @@ class WindowRequest:
     final: bool
     max_tokens: int | None = None
 
+    def _piece_at(self, sample: int) -> tuple[int, int]:
+        """The (window, stream) start of the piece holding window sample `sample`."""
+        piece = self.pieces[0]
+        for candidate in self.pieces:
+            if candidate[0] > sample:
+                break
+            piece = candidate
+        return piece
+
     def piece_start_s(self, window_s: float) -> float:
         """Stream time where the piece holding `window_s` begins."""
-        sample = round(window_s * SAMPLE_RATE)
-        stream = self.pieces[0][1]
-        for o, st in self.pieces:
-            if o > sample:
-                break
-            stream = st
-        return stream / SAMPLE_RATE
+        return self._piece_at(round(window_s * SAMPLE_RATE))[1] / SAMPLE_RATE
 
     def to_stream_s(self, window_s: float) -> float:
         """Stream time (s) of a time inside the window (s)."""
         sample = round(window_s * SAMPLE_RATE)
-        offset, stream = self.pieces[0]
-        for o, st in self.pieces:
-            if o > sample:
-                break
-            offset, stream = o, st
+        offset, stream = self._piece_at(sample)
         return (stream + sample - offset) / SAMPLE_RATE
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from whisper.audio import N_SAMPLES, log_mel_spectrogram
 
+from streamd.audio import SAMPLE_RATE
 from streamd.decoding.greedy import DecodeRequest, GreedyDecoder
 from streamd.decoding.word_timing import align_words
 from streamd.engine.protocol import Engine
@@ -18,7 +19,6 @@ from streamd.models.loader import LoadedModel
 from streamd.streaming.window import HypWord, WindowRequest, WindowResult
 
 HOP_SAMPLES = 160
-SAMPLE_RATE = 16_000
 # Encoder context buckets (DESIGN.md §3): a window is encoded padded to the smallest of these
 # that holds it. (10, 20, 30) makes a step ~35% cheaper, but on our English stream it cost
 # 1-2 more word errors per 150 and Whisper writes past the audio far more often (the guards
