@@ -1,4 +1,4 @@
-"""`streamd` command line: `transcribe` and `models` (later: serve, replay, mic, bench)."""
+"""`streamd` command line: transcribe, replay, serve, mic, models."""
 
 from __future__ import annotations
 
@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     replay_cli.add_parser(sub, _add_model_flags)
 
+    from streamd import mic_cli
+    from streamd.server import cli as serve_cli
+
+    serve_cli.add_parser(sub)
+    mic_cli.add_parser(sub, _add_model_flags)
+
     m = sub.add_parser("models", help="list and manage models")
     msub = m.add_subparsers(dest="models_command", required=True)
     msub.add_parser("list", help="built-in and imported models and where they come from")
@@ -73,6 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from streamd import replay_cli
 
             return replay_cli.run(args, _load)
+        if args.command == "serve":
+            from streamd.server import cli as serve_cli
+
+            return serve_cli.run(args)
+        if args.command == "mic":
+            from streamd import mic_cli
+
+            return mic_cli.run(args, _load)
         return _models(args)
     except StreamdError as exc:
         print(f"streamd: error: {exc}", file=sys.stderr)

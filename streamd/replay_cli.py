@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING
 
 from streamd.errors import ConfigError
 
@@ -38,46 +38,10 @@ def add_parser(
     r.add_argument("--output-dir", type=Path, default=None)
 
 
-class _Captions:
-    """Terminal captions: the partial rewrites the current line (dimmed), finals are committed,
-    one utterance per line. A pipe gets only the committed lines."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.line = ""
-        self.tty = out.isatty()
-
-    def show(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "final":
-            self.line += message["text"]
-            self._render("")
-        elif kind == "partial":
-            self._render(message["text"])
-        elif kind == "speech_started":
-            # not at speech_ended: the utterance's last final arrives just after it
-            self.close_line()
-
-    def close_line(self) -> None:
-        if self.line.strip():
-            if self.tty:
-                self._render("")
-                self.out.write("\n")
-            else:
-                self.out.write(self.line.strip() + "\n")
-        self.line = ""
-        self.out.flush()
-
-    def _render(self, partial: str) -> None:
-        if self.tty:
-            dim = f"\x1b[2m{partial}\x1b[0m" if partial else ""
-            self.out.write(f"\r\x1b[K{self.line.strip()}{dim}")
-            self.out.flush()
-
-
 def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedModel]) -> int:
     """Replay `args.file`; `load` gives the model for the model flags."""
     from streamd.audio import load_audio
+    from streamd.captions import Captions
     from streamd.decoding.result import Segment, Transcript
     from streamd.protocol import event_message
     from streamd.streaming.config import SessionConfig
@@ -103,7 +67,7 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
     if args.prompt:
         vocabulary = tuple(model.tokenizer(args.language).encode(" " + args.prompt.strip()))
     session = Session(config, language=args.language, vocabulary=vocabulary)
-    captions = _Captions(sys.stdout)
+    captions = Captions(sys.stdout)
     seq = 0
     finals: list[Final] = []
 

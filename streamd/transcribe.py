@@ -122,7 +122,7 @@ class Transcriber:
         number of files. `progress` gets (frames done, frames of the recordings taken so far).
         """
         options = options or TranscribeOptions()
-        language = _language_code(options.language)
+        language = language_code(options.language)
         if language not in (None, "en") and not self.model.is_multilingual:
             raise ConfigError(
                 f"model {self.model.name} is English-only; cannot transcribe "
@@ -257,7 +257,7 @@ class Transcriber:
         return out
 
 
-def _language_code(language: str | None) -> str | None:
+def language_code(language: str | None) -> str | None:
     """ISO code for `language` given as a code or an English name, any case; None stays None."""
     if language is None:
         return None

@@ -390,6 +390,16 @@ class Session:
         return out
 
     @property
+    def ended(self) -> bool:
+        """`end_stream` was called: no more audio will come."""
+        return self._ended
+
+    @property
+    def next_segment(self) -> int:
+        """The id the next Final will carry (= how many Finals so far)."""
+        return self._next_segment
+
+    @property
     def finished(self) -> bool:
         """The stream has ended and every utterance has been finalized."""
         return self._ended and not self._window.finals and self._in_flight is None

@@ -1,0 +1,42 @@
+"""Live captions on a terminal from protocol v1 messages (replay, mic)."""
+
+from __future__ import annotations
+
+from typing import Any, TextIO
+
+
+class Captions:
+    """Terminal captions: the partial rewrites the current line (dimmed), finals are committed,
+    one utterance per line. A pipe gets only the committed lines."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.line = ""
+        self.tty = out.isatty()
+
+    def show(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "final":
+            self.line += message["text"]
+            self._render("")
+        elif kind == "partial":
+            self._render(message["text"])
+        elif kind == "speech_started":
+            # not at speech_ended: the utterance's last final arrives just after it
+            self.close_line()
+
+    def close_line(self) -> None:
+        if self.line.strip():
+            if self.tty:
+                self._render("")
+                self.out.write("\n")
+            else:
+                self.out.write(self.line.strip() + "\n")
+        self.line = ""
+        self.out.flush()
+
+    def _render(self, partial: str) -> None:
+        if self.tty:
+            dim = f"\x1b[2m{partial}\x1b[0m" if partial else ""
+            self.out.write(f"\r\x1b[K{self.line.strip()}{dim}")
+            self.out.flush()

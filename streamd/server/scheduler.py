@@ -1,0 +1,148 @@
+"""`Scheduler`: one per engine; batches decode requests from every session.
+
+Sessions `await scheduler.submit(requests)`; a single worker runs the engine in its own thread
+(torch releases the GIL, so the event loop keeps serving sockets meanwhile). Batching policy:
+- while the engine is busy, requests pile up and the next call takes up to `max_batch` of them
+  (natural batching: the busier the engine, the larger its batches);
+- an idle engine waits at most `batch_wait_ms` for a batch to fill before it starts.
+
+The queue is bounded by construction: each session has at most one request in flight
+(`Session.decode_requests`), so it never holds more than `max_sessions` entries. Overload
+policy: a session whose step waited behind others simply sends a longer window next time
+(fewer, larger steps); `behind_s()` and the overload metrics say when that happens.
+
+A failed batch is retried request by request, so one bad window fails only its own session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from streamd.errors import EngineError
+from streamd.streaming.window import WindowRequest, WindowResult
+
+DecodeFn = Callable[[list[WindowRequest]], list[WindowResult]]
+
+
+@dataclass
+class _Job:
+    request: WindowRequest
+    future: asyncio.Future[WindowResult]
+    submitted_at: float
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one engine call did, for metrics."""
+
+    size: int
+    queue_wait_s: tuple[float, ...]  # per request: submit -> engine start
+    engine_s: float
+    failed: int
+
+
+class Scheduler:
+    def __init__(
+        self,
+        decode: DecodeFn,
+        max_batch: int,
+        batch_wait_ms: int = 5,
+        on_batch: Callable[[BatchReport], None] | None = None,
+    ) -> None:
+        self._decode = decode
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_ms / 1000
+        self._on_batch = on_batch
+        self._pending: deque[_Job] = deque()
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="streamd-engine")
+        self._task: asyncio.Task[None] | None = None
+        self.busy_s = 0.0  # engine time so far (for the RTF)
+        self.last_progress = time.monotonic()  # the watchdog's liveness signal
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for job in self._pending:
+            job.future.cancel()
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, requests: list[WindowRequest]) -> list[WindowResult]:
+        """Results in order. Raises EngineError if the engine failed on one of them."""
+        if self._task is None or self._task.done():
+            raise EngineError("the scheduler is not running")
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(r, loop.create_future(), time.monotonic()) for r in requests]
+        self._pending.extend(jobs)
+        self._wake.set()
+        return list(await asyncio.gather(*(j.future for j in jobs)))
+
+    def behind_s(self) -> float:
+        """How long the oldest waiting request has waited (0 when none): the engine's lag."""
+        if not self._pending:
+            return 0.0
+        return time.monotonic() - self._pending[0].submitted_at
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._pending:
+                continue
+            if len(self._pending) < self.max_batch and self.batch_wait_s > 0:
+                await asyncio.sleep(self.batch_wait_s)
+            batch = [
+                self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))
+            ]
+            batch = [j for j in batch if not j.future.cancelled()]  # its session went away
+            if batch:
+                await self._run_batch(batch)
+            if self._pending:
+                self._wake.set()
+
+    async def _run_batch(self, batch: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        failed = 0
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self._decode, [j.request for j in batch]
+            )
+            outcomes: list[WindowResult | BaseException] = list(results)
+        except Exception:
+            outcomes = []
+            for job in batch:  # isolate the window that breaks the engine
+                try:
+                    (one,) = await loop.run_in_executor(self._executor, self._decode, [job.request])
+                    outcomes.append(one)
+                except Exception as exc:
+                    failed += 1
+                    outcomes.append(
+                        EngineError(f"decoding request {job.request.request_id} failed: {exc}")
+                    )
+        elapsed = time.monotonic() - started
+        self.busy_s += elapsed
+        self.last_progress = time.monotonic()
+        for job, outcome in zip(batch, outcomes, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+        if self._on_batch is not None:
+            waits = tuple(started - j.submitted_at for j in batch)
+            self._on_batch(BatchReport(len(batch), waits, elapsed, failed))
