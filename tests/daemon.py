@@ -107,5 +107,6 @@ def running_daemon(
     finally:
         code = daemon.terminate()
         thread.join(5)
+        process.stdout.close()
         if check_exit:
             assert code == 0, f"daemon exited {code}:\n{daemon.log()}"
