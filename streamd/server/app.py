@@ -48,7 +48,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._server: Server | None = None
         self.services: Services | None = None
-        self.web_dir = WEB_DIR
+        self.web_dir = config.web_dir or WEB_DIR
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -205,6 +205,9 @@ class Daemon:
         root = self.web_dir.resolve()
         target = (root / name).resolve()
         if root not in target.parents or not target.is_file():
+            if name == "index.html":
+                body = f"captions page not found in {root} (set web_dir)\n".encode()
+                return _response(HTTPStatus.NOT_FOUND, body, "text/plain; charset=utf-8")
             return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
         kind = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
         if kind.startswith("text/") or kind == "application/javascript":

@@ -63,6 +63,7 @@ class Config:
     max_batch: int = 8  # windows per engine call
     batch_wait_ms: int = 5  # how long an idle engine waits for a batch to fill
     journal_dir: Path = field(default_factory=lambda: _default_state_dir() / "journal")
+    web_dir: Path | None = None  # the captions page; None: clients/web of this checkout
     session: SessionConfig = field(default_factory=SessionConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
 
