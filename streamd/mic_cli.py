@@ -98,8 +98,8 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
 async def _capture(
     source: AudioSource, session: Session, decode: DecodeFn, on_event: Callable[[Emitted], None]
 ) -> None:
-    """`run_mic` until the source ends or Ctrl-C; a second Ctrl-C quits without the flush."""
-    from streamd.mic import run_mic
+    """`run_live` until the source ends or Ctrl-C; a second Ctrl-C quits without the flush."""
+    from streamd.streaming.replay import run_live
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -117,7 +117,7 @@ async def _capture(
     else:
         handled = True
     try:
-        await run_mic(source, session, decode, on_event, stop)
+        await run_live(source, session, decode, on_event, stop)
     finally:
         if handled:
             loop.remove_signal_handler(signal.SIGINT)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +71,35 @@ async def replay_realtime(
     on_event: Callable[[Emitted], None] | None = None,
 ) -> list[Emitted]:
     """Feed `audio` at wall-clock pace while decoding in a worker thread."""
+
+    async def paced() -> AsyncIterator[np.ndarray]:
+        start = time.perf_counter()
+        chunk_s = chunk_ms / 1000
+        for i, chunk in enumerate(_chunks(audio, chunk_ms)):
+            # the chunk "arrives" when its last sample would have been spoken
+            await asyncio.sleep(max(0.0, (i + 1) * chunk_s - (time.perf_counter() - start)))
+            yield chunk
+
+    return await run_live(paced(), session, decode, on_event)
+
+
+async def run_live(
+    source: AsyncIterable[np.ndarray],
+    session: Session,
+    decode: DecodeFn,
+    on_event: Callable[[Emitted], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> list[Emitted]:
+    """Feed `source` into `session` as its audio arrives while a worker thread decodes.
+
+    The live loop of `streamd mic` and of `replay_realtime` (a file paced like a microphone).
+
+    When the source ends or `stop` is set (Ctrl-C), the source is closed, the stream ended and
+    its pending finals decoded; every event comes back with its wall time in seconds since the
+    call (each also goes to `on_event` as it happens). If the source fails, the finals of the
+    audio before the failure are still flushed, then its error is raised. Cancelling the call
+    abandons the flush.
+    """
     out: list[Emitted] = []
     start = time.perf_counter()
     wake = asyncio.Event()
@@ -103,15 +132,30 @@ async def replay_realtime(
                 session.decode_done(request, result, now())
             drain()
 
-    task = asyncio.create_task(decoder())
-    chunk_s = chunk_ms / 1000
-    for i, chunk in enumerate(_chunks(audio, chunk_ms)):
-        await asyncio.sleep(max(0.0, (i + 1) * chunk_s - now()))  # the chunk has now "arrived"
-        session.feed_audio(chunk, now())
+    async def feed() -> None:
+        async for chunk in source:
+            session.feed_audio(chunk, now())
+            drain()
+            wake.set()
+
+    decoding = asyncio.create_task(decoder())
+    feeding = asyncio.create_task(feed())
+    stopping = asyncio.create_task(stop.wait()) if stop is not None else None
+    tasks = [t for t in (decoding, feeding, stopping) if t is not None]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        feeding.cancel()  # closes the source's iterator, which stops the device
+        await asyncio.wait([feeding])
+        failure = None if feeding.cancelled() else feeding.exception()
+        if decoding.done():  # it can only have stopped by failing
+            decoding.result()
+        session.end_stream(now())
         drain()
         wake.set()
-    session.end_stream(now())
-    drain()
-    wake.set()
-    await task
-    return out
+        await decoding
+        if failure is not None:
+            raise failure
+        return out
+    finally:
+        for task in tasks:
+            task.cancel()
