@@ -105,6 +105,9 @@ class Daemon:
             mqtt_task.cancel()
             await asyncio.gather(mqtt_task, return_exceptions=True)
         await scheduler.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # before asyncio.run closes the loop's wakeup pipe, or a late signal hits a dead fd
+            loop.remove_signal_handler(sig)
         print("streamd: stopped", flush=True)
         return 0
 

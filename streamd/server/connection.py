@@ -93,6 +93,7 @@ class StreamConnection:
         self._close_reason = "end"
         self._guards_seen: dict[str, int] = {}
         self.done = asyncio.Event()  # the stream is over and its finals are journaled
+        self._closing: asyncio.Future[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -128,19 +129,24 @@ class StreamConnection:
     def shutdown(self) -> None:
         """Daemon shutdown: finalize what was heard, send it, then close."""
         self._close_reason = "shutdown"
+        if self.session is None:  # not started yet: nothing to finalize, do not wait for it
+            self._closing = asyncio.ensure_future(self.ws.close(CloseCode.GOING_AWAY, "shutdown"))
+            return
         self._end_stream()
 
     def _finish(self) -> None:
-        if self._journal is not None:
-            self._journal.close(
-                self._seq, self._time_offset_s + self._audio_s, self._next_segment(), self._reason()
-            )
-            self._journal = None
+        self._close_journal(self._seq)
         if self.session is not None:
             self.s.metrics.active_sessions.dec()
         if self.s.live.get(self.session_id) is self:
             del self.s.live[self.session_id]
         self.done.set()
+
+    def _close_journal(self, seq: int) -> None:
+        if self._journal is not None:
+            audio_s = self._time_offset_s + self._audio_s
+            self._journal.close(seq, audio_s, self._next_segment(), self._reason())
+            self._journal = None
 
     def _reason(self) -> str:
         return (
@@ -216,6 +222,7 @@ class StreamConnection:
         cfg = self.s.config
         language = language_code(start.language or cfg.language)
         resumed: tuple[dict[str, Any], ...] = ()
+        resumed_from = False
         if start.resume is not None:
             old = self.s.live.get(start.resume.session)
             if old is not None:
@@ -227,6 +234,7 @@ class StreamConnection:
                 self._time_offset_s = state.audio_s
                 self._segment_offset = state.next_segment
                 resumed = tuple(f for f in state.finals if f["seq"] > start.resume.after_seq)
+                resumed_from = True
             else:
                 await self._error(
                     "unknown_session",
@@ -247,12 +255,13 @@ class StreamConnection:
         self.s.metrics.sessions.inc()
         ready = {
             "type": "ready",
-            "seq": 0,  # per connection; events after it continue the session's count
+            # a resumed session's re-sent finals follow with their own seq (> after_seq)
+            "seq": start.resume.after_seq if start.resume and resumed_from else self._next_seq(),
             "session": self.session_id,
             "protocol": PROTOCOL_VERSION,
             "model": self.s.model_name,
             "sample_rate": start.sample_rate,
-            "resumed": start.resume is not None and self.session_id == start.resume.session,
+            "resumed": resumed_from,
         }
         await self._send(ready)
         for final in resumed:
@@ -269,6 +278,8 @@ class StreamConnection:
                     if ended:
                         await self._error("bad_message", "audio after end was dropped")
                         continue
+                    if self.session.ended:
+                        continue  # shutting down: what was heard is being finalized
                     await self._audio(frame)
                     continue
                 try:
@@ -459,7 +470,9 @@ class StreamConnection:
 
     async def _close(self) -> None:
         reason = self._reason()
-        await self._send({"type": "closed", "seq": self._next_seq(), "reason": reason})
+        seq = self._next_seq()
+        self._close_journal(seq)  # on disk before the client hears `closed` (resume reads it)
+        await self._send({"type": "closed", "seq": seq, "reason": reason})
         code = CloseCode.GOING_AWAY if reason == "shutdown" else CloseCode.NORMAL_CLOSURE
         await self.ws.close(code, reason)
 
