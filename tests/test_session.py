@@ -430,6 +430,17 @@ def test_gaps_between_utterances_never_reach_the_engine() -> None:
         assert r.audio[3 * SAMPLE_RATE] == 6 * SAMPLE_RATE
 
 
+def test_a_blip_too_short_to_decode_does_not_shift_later_utterances() -> None:
+    # the blip's end is retired without a decode; the next utterance must still be judged
+    # against its own end of speech, not the blip's (else its words look like hangover murmur)
+    words = spoken(distinct_words(5), start_s=2.3)
+    engine = ScriptedEngine(words)
+    session, events = replay(engine, [(0.0, 0.2), (2.0, 4.8)], total_s=6.0)
+    assert final_words(events) == true_words(words)
+    assert session.stats.guards.dropped_words["after_speech"] == 0
+    assert session.finished
+
+
 def test_ten_minutes_without_speech_cost_nothing() -> None:
     session = make_session([])
     engine = ScriptedEngine([])

@@ -347,6 +347,8 @@ class StreamConnection:
             await self._flush_events()
             requests = session.decode_requests()
             if not requests:
+                if session.finished:  # that call retired the last (too short) utterance
+                    break
                 timer = session.get_timer()
                 timeout = None if timer is None else max(timer - self._now(), 0.0)
                 try:

@@ -118,6 +118,8 @@ async def run_live(
         while not session.finished:
             requests = session.decode_requests()
             if not requests:
+                if session.finished:  # that call retired the last (too short) utterance
+                    break
                 timer = session.get_timer()
                 timeout = None if timer is None else max(timer - now(), 0.0)
                 try:

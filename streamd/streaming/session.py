@@ -231,6 +231,7 @@ class Session:
             if too_short and not w.tentative:
                 # nothing new since the last commit, or a blip too short to hold a word
                 w.finals.pop(0)
+                w.speech_until_s.pop(0)
                 self._set_partial(None)
                 return self.decode_requests()
         else:

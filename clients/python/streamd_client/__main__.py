@@ -1,0 +1,5 @@
+import sys
+
+from streamd_client.cli import main
+
+sys.exit(main())
