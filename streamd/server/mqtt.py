@@ -31,8 +31,9 @@ from streamd.errors import ConfigError
 from streamd.server.config import MqttConfig
 
 DEFAULT_PORT = 1883
-SPOOL_BATCH_LINES = 256  # spool lines read at a time while draining it
+CANCEL_AGAIN_S = 1.0  # a cancel not acted on within this was swallowed; send another
 log = logging.getLogger("streamd.mqtt")
+paho_log = logging.getLogger("streamd.mqtt.paho")  # paho's own lines, e.g. a reset socket
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,9 @@ class MqttSink:
     """Publishes finals (and optionally partials) for every session; see the module docstring.
 
     Counters for metrics: published_finals, published_partials, dropped_partials, spooled_finals
-    (written to the spool file), lost_finals (not JSON, refused topic, or the spool unwritable:
-    each one logged at ERROR), reconnects (connections made after the first); `connected`.
+    (lines written to the spool file; close() writes queued ones again, even those that came
+    from the spool), lost_finals (not JSON, topic refused by paho, or the spool unwritable: each
+    logged at ERROR), reconnects (connections made after the first); and `connected`.
     """
 
     def __init__(self, config: MqttConfig, spool_path: Path) -> None:
@@ -146,8 +148,7 @@ class MqttSink:
         try:
             await asyncio.wait({task})
         finally:
-            task.cancel()
-            await asyncio.wait({task})
+            await _cancel(task)
         if not task.cancelled():
             task.result()  # the loop only ends by cancellation; anything else is a bug to surface
 
@@ -163,8 +164,7 @@ class MqttSink:
                         await self._drained.wait()
                 except TimeoutError:
                     pass
-            task.cancel()
-            await asyncio.wait({task})
+            await _cancel(task)
         self._spool_queue()
         self.dropped_partials += len(self._partials)
         self._partials.clear()
@@ -174,13 +174,13 @@ class MqttSink:
     async def _connection_loop(self) -> None:
         connections = 0
         while True:
-            error: BaseException | None = None
             try:
                 async with aiomqtt.Client(
                     self.broker.host,
                     self.broker.port,
                     username=self.broker.username,
                     password=self.broker.password,
+                    logger=paho_log,
                 ) as client:
                     self.connected = True
                     if connections:
@@ -192,95 +192,97 @@ class MqttSink:
                         len(self._queue),
                         ", more in the spool" if self._spool_pending else "",
                     )
-                    async with asyncio.TaskGroup() as tasks:
-                        tasks.create_task(self._watch(client))
-                        tasks.create_task(self._pump(client))
-            except* (aiomqtt.MqttError, OSError) as group:
-                error = _leaf(group)
-            state = "lost" if self.connected else "unreachable"
-            self.connected = False
-            self.dropped_partials += len(self._partials)
-            self._partials.clear()
-            log.warning(
-                "mqtt: broker %s %s (%s); retrying in %s s",
-                self.broker,
-                state,
-                _describe(error),
-                self._config.reconnect_s,
-            )
+                    await self._serve(client)
+            except (aiomqtt.MqttError, OSError) as exc:
+                state = "lost" if self.connected else "unreachable"
+                self.connected = False
+                self.dropped_partials += len(self._partials)
+                self._partials.clear()
+                log.warning(
+                    "mqtt: broker %s %s (%s); retrying in %s s",
+                    self.broker,
+                    state,
+                    _describe(exc),
+                    self._config.reconnect_s,
+                )
             await asyncio.sleep(self._config.reconnect_s)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Publish until the connection drops (MqttError) or this task is cancelled.
+
+        Not a TaskGroup: on Python 3.11 a TaskGroup whose child fails can swallow a cancel
+        that arrives at the same moment (close() then waits forever)."""
+        watch = asyncio.create_task(self._watch(client))
+        pump = asyncio.create_task(self._pump(client))
+        try:
+            done, _ = await asyncio.wait({watch, pump}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            pump.cancel()
+            await asyncio.wait({watch, pump})
+        for task in done:
+            task.result()  # the MqttError that ended the connection, or a bug
 
     @staticmethod
     async def _watch(client: aiomqtt.Client) -> None:
         # We subscribe to nothing, so this only ends by raising MqttError when the connection
-        # drops; the TaskGroup then cancels a publish waiting for its PUBACK, which would
-        # otherwise wait out aiomqtt's whole timeout on a dead connection.
-        async for _ in client.messages:
-            pass
+        # drops; _serve then cancels a publish waiting for its PUBACK, which would otherwise
+        # wait out aiomqtt's whole timeout on a dead connection.
+        try:
+            async for _ in client.messages:
+                pass
+        except aiomqtt.MqttError as exc:
+            raise aiomqtt.MqttError("disconnected") from exc.__cause__
 
     async def _pump(self, client: aiomqtt.Client) -> None:
         while True:
-            if self._queue:  # older than anything in the spool (see offer_final)
+            if not self._queue and self._spool_pending:
+                self._refill_from_spool()
+            elif self._queue:
                 session, payload = self._queue[0]
-                await self._publish_final(client, session, payload)
-                self._queue.popleft()  # only now: if the publish was cut short, it is re-sent
-            elif self._spool_pending:
-                await self._drain_spool_batch(client)
+                topic = self._topic(session, "final")
+                try:
+                    # for QoS 1/2 this returns once the broker acknowledged the message
+                    # (paho's on_publish after PUBACK/PUBCOMP): only then is it published
+                    await client.publish(topic, payload, qos=self._config.qos)
+                    self.published_finals += 1
+                except ValueError as exc:  # paho refuses the topic (a wildcard in the session)
+                    self._lose(1, f"cannot publish to {topic!r} ({exc})")
+                self._queue.popleft()  # only now: a publish cut short is sent again
             elif self._partials:
                 session = next(iter(self._partials))
                 payload = self._partials.pop(session)
                 try:
                     await client.publish(self._topic(session, "partial"), payload, qos=0)
-                except ValueError:  # paho refuses the topic; the final will say so at ERROR
+                    self.published_partials += 1
+                except ValueError:
                     self.dropped_partials += 1
-                    continue
-                self.published_partials += 1
             else:
                 self._drained.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
 
-    async def _publish_final(self, client: aiomqtt.Client, session: str, payload: bytes) -> None:
-        # aiomqtt's publish returns for QoS 1/2 only once the broker acknowledged the message
-        # (on_publish after PUBACK/PUBCOMP), so a final counts as published only then.
-        try:
-            await client.publish(self._topic(session, "final"), payload, qos=self._config.qos)
-        except ValueError as exc:  # paho refuses the topic, e.g. a wildcard in the session id
-            self._lose(1, f"final of session {session!r} cannot be published ({exc})")
-            return
-        self.published_finals += 1
-
-    async def _drain_spool_batch(self, client: aiomqtt.Client) -> None:
-        entries, batch_end = self._read_spool()
-        if batch_end == self._spool_offset:  # all published: new finals may queue in memory
-            self._spool_path.unlink(missing_ok=True)
-            self._spool_offset = 0
-            self._spool_pending = False
-            return
-        for entry_end, session, payload in entries:
-            await self._publish_final(client, session, payload)
-            self._spool_offset = entry_end
-        self._spool_offset = batch_end  # past unreadable lines at the end of the batch, too
-
-    def _read_spool(self) -> tuple[list[tuple[int, str, bytes]], int]:
-        """The next spool entries (offset just after each, session, payload) and the offset
-        after the batch; split on b"\\n" only, as the JSON may hold U+2028 and the like."""
-        entries: list[tuple[int, str, bytes]] = []
-        offset = self._spool_offset
+    def _refill_from_spool(self) -> None:
+        """Move the spool's next lines into the (empty) queue; remove the spool once all of it
+        is published. Lines are split on b"\\n" only: the JSON may hold U+2028 and the like."""
         try:
             with self._spool_path.open("rb") as spool:
-                spool.seek(offset)
-                lines = [spool.readline() for _ in range(SPOOL_BATCH_LINES)]
+                spool.seek(self._spool_offset)
+                lines = [spool.readline() for _ in range(max(1, self._config.queue_size))]
         except FileNotFoundError:  # removed by hand: nothing left to publish
-            return entries, offset
+            lines = []
+        if not any(lines):
+            self._spool_path.unlink(missing_ok=True)
+            self._spool_offset = 0
+            self._spool_pending = False  # new finals may queue in memory again
+            return
         for line in filter(None, lines):
-            offset += len(line)
+            self._spool_offset += len(line)
             try:
                 entry = json.loads(line)
-                entries.append((offset, str(entry["session"]), _encode(entry["message"])))
+                self._queue.append((str(entry["session"]), _encode(entry["message"])))
             except (ValueError, TypeError, KeyError):
                 log.warning("mqtt: skipped an unreadable line in %s", self._spool_path)
-        return entries, offset
 
     def _spool(self, finals: list[tuple[str, bytes]]) -> None:
         data = b"".join(_spool_line(session, payload) for session, payload in finals)
@@ -359,11 +361,13 @@ def _spool_line(session: str, payload: bytes) -> bytes:
     return b'{"session": ' + _encode(session) + b', "message": ' + payload + b"}\n"
 
 
-def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait until it is done, whatever happens to the first cancel."""
+    while not task.done():
+        # again if need be: on Python 3.11 asyncio.wait_for (inside aiomqtt's publish) returns
+        # normally, swallowing the cancel, when its future completes at the same moment
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_AGAIN_S)
 
 
 def _describe(error: BaseException | None) -> str:
