@@ -135,7 +135,7 @@ async def _run_clients(
     return list(await asyncio.gather(*(_client(url, s[0], language) for s in streams)))
 
 
-def run(counts: list[int], language: str) -> list[LoadReport]:
+def run(counts: list[int], language: str, dump: Path | None = None) -> list[LoadReport]:
     model = MODEL_FOR_LANGUAGE[language]
     files = [m["file"] for m in manifest() if m["language"] == language]
     kinds = [GAP_KINDS[i % len(GAP_KINDS)] for i in range(len(files) + 1)]
@@ -147,6 +147,17 @@ def run(counts: list[int], language: str) -> list[LoadReport]:
                 streams = [build_stream(files, kinds, seed=i) for i in range(n)]  # type: ignore[arg-type]
                 started = time.perf_counter()
                 results = asyncio.run(_run_clients(d.ws_url, streams, language))
+                if dump is not None:
+                    dump.mkdir(parents=True, exist_ok=True)
+                    for i, (messages, (_, utterances, gaps)) in enumerate(
+                        zip(results, streams, strict=True)
+                    ):
+                        record = {
+                            "messages": [{**m, "arrived": at} for m, at in messages],
+                            "utterances": [asdict(u) for u in utterances],
+                            "gaps": [asdict(g) for g in gaps],
+                        }
+                        (dump / f"n{n}-client{i}.json").write_text(json.dumps(record))
                 wall = time.perf_counter() - started
                 with urllib.request.urlopen(d.http_url + "/metrics") as r:
                     metrics = r.read().decode()
@@ -200,9 +211,10 @@ def main() -> None:
     parser.add_argument("--clients", default="1,2,4", help="comma-separated concurrent counts")
     parser.add_argument("--language", choices=sorted(MODEL_FOR_LANGUAGE), default="en")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--dump", type=Path, default=None, help="every client's messages here")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
-    reports = run(counts, args.language)
+    reports = run(counts, args.language, args.dump)
     header = ("N", "err", "lat med", "p90", "max", "1st part", "gap w", "batch", "overl", "holds")
     print(" | ".join(header))
     for r in reports:

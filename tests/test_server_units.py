@@ -146,6 +146,26 @@ def test_scheduler_batches_what_piles_up_while_busy() -> None:
     asyncio.run(main())
 
 
+def test_scheduler_takes_finals_first() -> None:
+    from dataclasses import replace
+
+    async def main() -> None:
+        engine = _GatedEngine()
+        scheduler = Scheduler(engine, max_batch=2, batch_wait_ms=0)
+        scheduler.start()
+        first = asyncio.create_task(scheduler.submit([_request(0)]))
+        await _wait_for(engine.entered.is_set)
+        requests = [_request(1), _request(2), _request(3), replace(_request(4), final=True)]
+        rest = [asyncio.create_task(scheduler.submit([r])) for r in requests]
+        await _wait_for(lambda: scheduler.queued == 4)
+        engine.gate.set()
+        await asyncio.gather(first, *rest)
+        assert engine.calls == [[0], [4, 1], [2, 3]]
+        await scheduler.close()
+
+    asyncio.run(main())
+
+
 def test_scheduler_isolates_a_failing_request() -> None:
     async def main() -> None:
         engine = _GatedEngine(fail_on=2)
@@ -157,6 +177,24 @@ def test_scheduler_isolates_a_failing_request() -> None:
         assert isinstance(outcomes[2], EngineError) and "engine broke" in str(outcomes[2])
         assert [o[0].request_id for i, o in enumerate(outcomes) if i != 2] == [0, 1, 3]  # type: ignore[index]
         assert engine.calls[0] == [0, 1, 2, 3]  # one batch first (the bounded wait filled it)
+        await scheduler.close()
+
+    asyncio.run(main())
+
+
+def test_scheduler_uses_busy_decode_only_when_contended() -> None:
+    async def main() -> None:
+        calm, busy = _GatedEngine(), _GatedEngine()
+        calm.gate.set()
+        reports: list[BatchReport] = []
+        scheduler = Scheduler(calm, 4, batch_wait_ms=0, on_batch=reports.append, busy_decode=busy)
+        scheduler.start()
+        await scheduler.submit([_request(0)])  # alone: the calm path
+        busy.gate.set()
+        await asyncio.gather(*(scheduler.submit([_request(i)]) for i in range(1, 4)))
+        assert calm.calls == [[0]]
+        assert busy.calls == [[1, 2, 3]]
+        assert [r.busy for r in reports] == [False, True]
         await scheduler.close()
 
     asyncio.run(main())

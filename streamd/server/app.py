@@ -60,11 +60,13 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         self.notifier.status("loading model")
         decoder, model = await asyncio.to_thread(self._load)
+        busy_buckets = decoder.check_buckets(self.config.busy_encoder_buckets_s)
         scheduler = Scheduler(
             decoder.decode,
             min(self.config.max_batch, decoder.max_batch),
             self.config.batch_wait_ms,
             on_batch=self.metrics.record_batch,
+            busy_decode=lambda requests: decoder.decode(requests, busy_buckets),
         )
         scheduler.start()
         mqtt_task, sink = self._start_mqtt()

@@ -56,7 +56,9 @@ class Config:
     engine: str = "torch"  # torch | neuron
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None = torch's default
-    encoder_buckets_s: tuple[int, ...] = (30,)
+    encoder_buckets_s: tuple[int, ...] = (30,)  # a lone stream: full context (quality)
+    # while the engine is contended: smaller contexts are up to 4x cheaper (capacity)
+    busy_encoder_buckets_s: tuple[int, ...] = (10, 20, 30)
     language: str | None = None  # default for sessions that do not say; None = detect
     max_sessions: int = 16
     max_frame_bytes: int = 1 << 20  # one binary frame; bigger ones are refused, not cut

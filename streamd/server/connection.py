@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -38,6 +39,9 @@ from streamd.streaming.session import Session
 log = logging.getLogger("streamd.server")
 
 START_TIMEOUT_S = 30.0  # a client that connects and never says `start` is let go
+# messages waiting for a client that does not read them; beyond this it is treated as gone
+# (its session still finishes into the journal)
+MAX_OUTBOX = 2_000
 MAX_PROMPT_TOKENS = 100
 OVERLOAD_S = 2.0  # a step result later than this after its newest audio: the engine is behind
 
@@ -93,6 +97,10 @@ class StreamConnection:
         self._close_reason = "end"
         self._guards_seen: dict[str, int] = {}
         self.done = asyncio.Event()  # the stream is over and its finals are journaled
+        # after `ready`, one writer task sends everything, in seq order, so that events go out
+        # as soon as they happen (the receiver's too) without two tasks interleaving sends
+        self._outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
         self._closing: asyncio.Future[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -123,6 +131,9 @@ class StreamConnection:
                 await asyncio.gather(receiver, return_exceptions=True)
             await self._close()
         finally:
+            if self._writer is not None:
+                self._writer.cancel()
+                await asyncio.gather(self._writer, return_exceptions=True)
             self.s.connections.discard(self)
             self._finish()
 
@@ -253,6 +264,7 @@ class StreamConnection:
         self.s.live[self.session_id] = self
         self.s.metrics.active_sessions.inc()
         self.s.metrics.sessions.inc()
+        self._writer = asyncio.create_task(self._write_loop(), name=f"send-{self.session_id}")
         ready = {
             "type": "ready",
             # a resumed session's re-sent finals follow with their own seq (> after_seq)
@@ -293,10 +305,12 @@ class StreamConnection:
                     case Finalize():
                         if not ended:
                             self.session.finalize(self._now())
+                            self._flush_events()
                             self._wake.set()
                     case End():
                         ended = True
                         self._end_stream()
+                        self._flush_events()
         except ConnectionClosed:
             pass
         if not ended and not self.session.finished:
@@ -328,6 +342,7 @@ class StreamConnection:
         self._arrivals.append((self._audio_s, now))
         self.s.metrics.audio_in.inc(len(samples) / SAMPLE_RATE)
         self.session.feed_audio(samples, now)
+        self._flush_events()  # speech_started/ended now, not after the step in flight
         self._wake.set()
 
     def _end_stream(self) -> None:
@@ -344,7 +359,7 @@ class StreamConnection:
         session = self.session
         assert session is not None
         while not session.finished:
-            await self._flush_events()
+            self._flush_events()
             requests = session.decode_requests()
             if not requests:
                 if session.finished:  # that call retired the last (too short) utterance
@@ -373,7 +388,7 @@ class StreamConnection:
                 session.decode_done(request, result, now)
                 self.s.metrics.forward_passes.inc(result.forward_passes)
             self._count_guards()
-        await self._flush_events()
+        self._flush_events()
 
     def _count_guards(self) -> None:
         assert self.session is not None
@@ -383,12 +398,12 @@ class StreamConnection:
                 self.s.metrics.guard_dropped.labels(guard).inc(new)
                 self._guards_seen[guard] = words
 
-    async def _flush_events(self) -> None:
+    def _flush_events(self) -> None:
         assert self.session is not None
         for event in self.session.events():
-            await self._emit(event)
+            self._emit(event)
 
-    async def _emit(self, event: Event) -> None:
+    def _emit(self, event: Event) -> None:
         message = self._shifted(event_message(event, self._next_seq()))
         now = self._now()
         match event:
@@ -407,7 +422,7 @@ class StreamConnection:
                 self.s.on_final(self.session_id, message)
         elif isinstance(event, Partial) and self.s.on_partial is not None:
             self.s.on_partial(self.session_id, message)
-        await self._send(message)
+        self._post(message)
 
     def _shifted(self, message: dict[str, Any]) -> dict[str, Any]:
         """Session times and segments -> the resumed stream's (no-op for a fresh session)."""
@@ -447,11 +462,39 @@ class StreamConnection:
         self._seq += 1
         return self._seq
 
-    async def _send(self, message: dict[str, Any]) -> None:
+    def _post(self, message: dict[str, Any]) -> None:
+        """Queue `message` for the writer (after `ready`)."""
         if self._client_gone:
             return
-        import json
+        if self._outbox.qsize() >= MAX_OUTBOX:
+            log.warning("session %s: client does not read; treating it as gone", self.session_id)
+            self._client_gone = True
+            self._closing = asyncio.ensure_future(self.ws.close(CloseCode.POLICY_VIOLATION))
+            return
+        self._outbox.put_nowait(message)
 
+    async def _send(self, message: dict[str, Any]) -> None:
+        if self._writer is not None:
+            self._post(message)
+        else:
+            await self._write(message)
+
+    async def _flush_outbox(self) -> None:
+        if self._writer is not None and not self._writer.done():
+            await self._outbox.join()
+
+    async def _write_loop(self) -> None:
+        while True:
+            message = await self._outbox.get()
+            try:
+                if message is not None:
+                    await self._write(message)
+            finally:
+                self._outbox.task_done()
+
+    async def _write(self, message: dict[str, Any]) -> None:
+        if self._client_gone:
+            return
         try:
             await self.ws.send(json.dumps(message, ensure_ascii=False))
         except ConnectionClosed:
@@ -468,6 +511,7 @@ class StreamConnection:
         message = {"type": "error", "seq": self._next_seq(), "code": code, "message": text}
         await self._send({**message, "fatal": fatal})
         if fatal:
+            await self._flush_outbox()
             await self.ws.close(close_code, code)
 
     async def _close(self) -> None:
@@ -475,6 +519,7 @@ class StreamConnection:
         seq = self._next_seq()
         self._close_journal(seq)  # on disk before the client hears `closed` (resume reads it)
         await self._send({"type": "closed", "seq": seq, "reason": reason})
+        await self._flush_outbox()
         code = CloseCode.GOING_AWAY if reason == "shutdown" else CloseCode.NORMAL_CLOSURE
         await self.ws.close(code, reason)
 

@@ -65,6 +65,11 @@ class Metrics:
             "Steps whose result came later than overload_s after their audio",
             registry=r,
         )
+        self.busy_batches = Counter(
+            "streamd_busy_batches",
+            "Engine calls made while contended (smaller encoder contexts)",
+            registry=r,
+        )
         self.engine_busy = Counter("streamd_engine_busy_seconds", "Engine time (s)", registry=r)
         self.forward_passes = Counter(
             "streamd_decoder_forward_passes", "Decoder forward passes", registry=r
@@ -83,6 +88,8 @@ class Metrics:
         )
 
     def record_batch(self, report: BatchReport) -> None:
+        if report.busy:
+            self.busy_batches.inc()
         self.batch_size.observe(report.size)
         self.step_seconds.observe(report.engine_s)
         self.engine_busy.inc(report.engine_s)

@@ -1,7 +1,8 @@
 """`Scheduler`: one per engine; batches decode requests from every session.
 
 Sessions `await scheduler.submit(requests)`; a single worker runs the engine in its own thread
-(torch releases the GIL, so the event loop keeps serving sockets meanwhile). Batching policy:
+(torch releases the GIL, so the event loop keeps serving sockets meanwhile). Batching policy
+(finals first, then first come first served):
 - while the engine is busy, requests pile up and the next call takes up to `max_batch` of them
   (natural batching: the busier the engine, the larger its batches);
 - an idle engine waits at most `batch_wait_ms` for a batch to fill before it starts.
@@ -12,6 +13,12 @@ policy: a session whose step waited behind others simply sends a longer window n
 (fewer, larger steps); `behind_s()` and the overload metrics say when that happens.
 
 A failed batch is retried request by request, so one bad window fails only its own session.
+
+Load-aware decoding: `busy_decode` (if given) runs a batch when the engine is contended (more
+than one window in the batch, or more waiting behind it). The daemon passes the same decoder
+with small encoder context buckets there: a 10 s bucket costs a quarter of the 30 s encoder
+pass, which is what lets one engine keep up with several streams, while a lone stream keeps
+full context (docs/benchmarks.md has both).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class BatchReport:
     queue_wait_s: tuple[float, ...]  # per request: submit -> engine start
     engine_s: float
     failed: int
+    busy: bool  # decoded with `busy_decode`
 
 
 class Scheduler:
@@ -53,8 +61,10 @@ class Scheduler:
         max_batch: int,
         batch_wait_ms: int = 5,
         on_batch: Callable[[BatchReport], None] | None = None,
+        busy_decode: DecodeFn | None = None,
     ) -> None:
         self._decode = decode
+        self._busy_decode = busy_decode or decode
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000
         self._on_batch = on_batch
@@ -90,7 +100,7 @@ class Scheduler:
         """How long the oldest waiting request has waited (0 when none): the engine's lag."""
         if not self._pending:
             return 0.0
-        return time.monotonic() - self._pending[0].submitted_at
+        return time.monotonic() - min(job.submitted_at for job in self._pending)
 
     @property
     def queued(self) -> int:
@@ -104,9 +114,10 @@ class Scheduler:
                 continue
             if len(self._pending) < self.max_batch and self.batch_wait_s > 0:
                 await asyncio.sleep(self.batch_wait_s)
-            batch = [
-                self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))
-            ]
+            # finals first: they are what finalization latency waits on; FIFO otherwise
+            ordered = sorted(self._pending, key=lambda job: not job.request.final)
+            batch = ordered[: self.max_batch]
+            self._pending = deque(ordered[self.max_batch :])
             batch = [j for j in batch if not j.future.cancelled()]  # its session went away
             if batch:
                 await self._run_batch(batch)
@@ -117,16 +128,16 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         failed = 0
+        busy = len(batch) > 1 or bool(self._pending)
+        decode = self._busy_decode if busy else self._decode
         try:
-            results = await loop.run_in_executor(
-                self._executor, self._decode, [j.request for j in batch]
-            )
+            results = await loop.run_in_executor(self._executor, decode, [j.request for j in batch])
             outcomes: list[WindowResult | BaseException] = list(results)
         except Exception:
             outcomes = []
             for job in batch:  # isolate the window that breaks the engine
                 try:
-                    (one,) = await loop.run_in_executor(self._executor, self._decode, [job.request])
+                    (one,) = await loop.run_in_executor(self._executor, decode, [job.request])
                     outcomes.append(one)
                 except Exception as exc:
                     failed += 1
@@ -145,4 +156,4 @@ class Scheduler:
                 job.future.set_result(outcome)
         if self._on_batch is not None:
             waits = tuple(started - j.submitted_at for j in batch)
-            self._on_batch(BatchReport(len(batch), waits, elapsed, failed))
+            self._on_batch(BatchReport(len(batch), waits, elapsed, failed, busy))

@@ -37,10 +37,7 @@ class WindowDecoder:
         buckets_s: tuple[int, ...] = DEFAULT_BUCKETS_S,
     ) -> None:
         self.model = model
-        full_s = 2 * model.dims.n_audio_ctx * HOP_SAMPLES // SAMPLE_RATE
-        if not buckets_s or max(buckets_s) != full_s or min(buckets_s) <= 0:
-            raise ConfigError(f"encoder buckets must be positive and end at {full_s} s")
-        self.buckets_s = tuple(sorted(buckets_s))
+        self.buckets_s = self.check_buckets(buckets_s)
         self.engine: Engine = engine or TorchEngine(model.model, model.alignment_heads)
         self.decoder = GreedyDecoder(self.engine, model.tokenizer, model.is_multilingual)
 
@@ -48,19 +45,35 @@ class WindowDecoder:
     def max_batch(self) -> int:
         return self.engine.max_batch
 
-    def decode(self, requests: list[WindowRequest]) -> list[WindowResult]:
-        """Results in request order; batches of up to `max_batch` windows share each pass."""
+    def check_buckets(self, buckets_s: tuple[int, ...]) -> tuple[int, ...]:
+        """`buckets_s` sorted, or ConfigError: positive, the largest being the full context."""
+        full_s = 2 * self.model.dims.n_audio_ctx * HOP_SAMPLES // SAMPLE_RATE
+        if not buckets_s or max(buckets_s) != full_s or min(buckets_s) <= 0:
+            raise ConfigError(f"encoder buckets must be positive and end at {full_s} s")
+        return tuple(sorted(buckets_s))
+
+    def decode(
+        self, requests: list[WindowRequest], buckets_s: tuple[int, ...] | None = None
+    ) -> list[WindowResult]:
+        """Results in request order; batches of up to `max_batch` windows share each pass.
+
+        buckets_s: encoder context buckets for this call (checked `check_buckets` ones);
+        default: the decoder's own.
+        """
         out: list[WindowResult] = []
         for start in range(0, len(requests), self.max_batch):
-            out.extend(self._decode_batch(requests[start : start + self.max_batch]))
+            batch = requests[start : start + self.max_batch]
+            out.extend(self._decode_batch(batch, buckets_s or self.buckets_s))
         return out
 
-    def _decode_batch(self, requests: list[WindowRequest]) -> list[WindowResult]:
+    def _decode_batch(
+        self, requests: list[WindowRequest], buckets_s: tuple[int, ...]
+    ) -> list[WindowResult]:
         for r in requests:
             if not 0 < len(r.audio) <= N_SAMPLES:
                 raise EngineError(f"window of {len(r.audio)} samples: must be 1..{N_SAMPLES}")
         longest_s = max(len(r.audio) for r in requests) / SAMPLE_RATE
-        bucket_s = next(b for b in self.buckets_s if b >= longest_s)
+        bucket_s = next(b for b in buckets_s if b >= longest_s)
         frames = bucket_s * SAMPLE_RATE // HOP_SAMPLES
         mel = torch.stack(
             [
