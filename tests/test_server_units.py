@@ -156,11 +156,13 @@ def test_scheduler_takes_finals_first() -> None:
         first = asyncio.create_task(scheduler.submit([_request(0)]))
         await _wait_for(engine.entered.is_set)
         requests = [_request(1), _request(2), _request(3), replace(_request(4), final=True)]
+        requests += [replace(_request(5), session_id="late"), _request(6)]
         rest = [asyncio.create_task(scheduler.submit([r])) for r in requests]
-        await _wait_for(lambda: scheduler.queued == 4)
+        await _wait_for(lambda: scheduler.queued == 6)
+        scheduler.promote("late")  # its utterance ended: its step holds up a final
         engine.gate.set()
         await asyncio.gather(first, *rest)
-        assert engine.calls == [[0], [4, 1], [2, 3]]
+        assert engine.calls == [[0], [4, 5], [1, 2], [3, 6]]
         await scheduler.close()
 
     asyncio.run(main())

@@ -106,8 +106,17 @@ class TorchEngine:
         return attn.out(self._merge_heads(out)), qk[:, heads].float()
 
     def _finish(self, x: Tensor) -> Tensor:
+        """Final norm and the vocabulary projection: [..., d] -> [..., n_vocab] float32."""
         x = self.model.decoder.ln(x)
-        return (x @ self.model.decoder.token_embedding.weight.T).float()
+        rows = x.reshape(-1, x.shape[-1])
+        # W @ x.T rather than x @ W.T: the same product, but with the 51,864-row weight on
+        # the left MKL picks a GEMM kernel that is 4-10x faster for a handful of rows (tiny.en
+        # on 2 cores: 2-3 ms instead of 8-30 ms per step, the largest cost of a decode step);
+        # a single row is doubled because one column falls back to a slow GEMV
+        padded = rows if rows.shape[0] > 1 else rows.expand(2, -1)
+        weight = self.model.decoder.token_embedding.weight
+        logits = torch.mm(weight, padded.t()).t()[: rows.shape[0]]
+        return logits.reshape(*x.shape[:-1], -1).float()
 
     def _stack_alignment(self, scores: dict[int, Tensor]) -> Tensor:
         """Per-layer head scores -> [B, A, ...] in `alignment_heads` order."""

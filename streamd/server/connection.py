@@ -33,7 +33,7 @@ from streamd.server.messages import End, Finalize, ProtocolError, Start, parse_c
 from streamd.server.metrics import Metrics
 from streamd.server.pcm import PcmDecoder
 from streamd.server.scheduler import Scheduler
-from streamd.streaming.events import Event, Final, Partial, SpeechStarted
+from streamd.streaming.events import Event, Final, Partial, SpeechEnded, SpeechStarted
 from streamd.streaming.session import Session
 
 log = logging.getLogger("streamd.server")
@@ -409,6 +409,8 @@ class StreamConnection:
         match event:
             case SpeechStarted():
                 self._speech_started_at = self._arrival(event.t)
+            case SpeechEnded():
+                self.s.scheduler.promote(self.session_id)
             case Partial() | Final() if self._speech_started_at is not None:
                 self.s.metrics.first_partial_latency.observe(now - self._speech_started_at)
                 self._speech_started_at = None

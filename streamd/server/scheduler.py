@@ -41,6 +41,12 @@ class _Job:
     request: WindowRequest
     future: asyncio.Future[WindowResult]
     submitted_at: float
+    urgent: bool = False  # its session has a final waiting behind it
+
+
+def _priority(job: _Job) -> bool:
+    """Sort key: finals (and steps that hold one up) first, FIFO otherwise."""
+    return not (job.request.final or job.urgent)
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,13 @@ class Scheduler:
         self._wake.set()
         return list(await asyncio.gather(*(j.future for j in jobs)))
 
+    def promote(self, session_id: str) -> None:
+        """`session_id`'s utterance just ended: its waiting step goes ahead of other partial
+        steps, since the session's final cannot be requested until that step is done."""
+        for job in self._pending:
+            if job.request.session_id == session_id:
+                job.urgent = True
+
     def behind_s(self) -> float:
         """How long the oldest waiting request has waited (0 when none): the engine's lag."""
         if not self._pending:
@@ -114,8 +127,8 @@ class Scheduler:
                 continue
             if len(self._pending) < self.max_batch and self.batch_wait_s > 0:
                 await asyncio.sleep(self.batch_wait_s)
-            # finals first: they are what finalization latency waits on; FIFO otherwise
-            ordered = sorted(self._pending, key=lambda job: not job.request.final)
+            # finals first: they are what finalization latency waits on
+            ordered = sorted(self._pending, key=_priority)
             batch = ordered[: self.max_batch]
             self._pending = deque(ordered[self.max_batch :])
             batch = [j for j in batch if not j.future.cancelled()]  # its session went away
