@@ -1,4 +1,4 @@
-"""`streamd` command line: transcribe, replay, serve, mic, models."""
+"""`streamd` command line: transcribe, replay, serve, mic, bench, models."""
 
 from __future__ import annotations
 
@@ -53,11 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     replay_cli.add_parser(sub, _add_model_flags)
 
-    from streamd import mic_cli
+    from streamd import bench_cli, mic_cli
     from streamd.server import cli as serve_cli
 
     serve_cli.add_parser(sub)
     mic_cli.add_parser(sub, _add_model_flags)
+    bench_cli.add_parser(sub)
 
     m = sub.add_parser("models", help="list and manage models")
     msub = m.add_subparsers(dest="models_command", required=True)
@@ -87,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from streamd import mic_cli
 
             return mic_cli.run(args, _load)
+        if args.command == "bench":
+            from streamd import bench_cli
+
+            return bench_cli.run(args)
         return _models(args)
     except StreamdError as exc:
         print(f"streamd: error: {exc}", file=sys.stderr)

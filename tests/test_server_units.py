@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +198,24 @@ def test_scheduler_uses_busy_decode_only_when_contended() -> None:
         assert calm.calls == [[0]]
         assert busy.calls == [[1, 2, 3]]
         assert [r.busy for r in reports] == [False, True]
+        await scheduler.close()
+
+    asyncio.run(main())
+
+
+def test_scheduler_load_follows_engine_busy_time() -> None:
+    async def main() -> None:
+        engine = _GatedEngine()
+        engine.gate.set()
+        scheduler = Scheduler(engine, max_batch=1, batch_wait_ms=0)
+        scheduler.start()
+        assert scheduler.load() == 0.0
+        for i in range(3):
+            await scheduler.submit([_request(i)])
+        # fast calls, idle in between: the load stays low
+        assert scheduler.load() < 0.5
+        scheduler._decay(time.monotonic() + 10.0, busy_s=10.0)  # 10 s of solid work
+        assert scheduler.load() > 0.9
         await scheduler.close()
 
     asyncio.run(main())

@@ -441,6 +441,32 @@ def test_a_blip_too_short_to_decode_does_not_shift_later_utterances() -> None:
     assert session.finished
 
 
+def test_a_larger_step_asked_by_the_driver_means_fewer_partial_steps() -> None:
+    words = spoken(distinct_words(8), start_s=0.3)
+    regions = [(0.0, 4.8)]
+
+    def run(step_ms: int | None) -> tuple[int, list[tuple[str, float, float]]]:
+        engine = ScriptedEngine(words)
+        session = make_session(regions)
+        audio = stream_audio(6.0, regions)
+        step = SAMPLE_RATE * CHUNK_MS // 1000
+        for i in range(0, len(audio), step):
+            session.feed_audio(audio[i : i + step], (i + step) / SAMPLE_RATE)
+            while requests := session.decode_requests(step_ms):
+                for r in requests:
+                    session.decode_done(r, engine.decode_one(r), (i + step) / SAMPLE_RATE)
+        session.end_stream(6.0)
+        while requests := session.decode_requests(step_ms):
+            for r in requests:
+                session.decode_done(r, engine.decode_one(r), 6.0)
+        return len(engine.requests), final_words(session.events())
+
+    normal, normal_words = run(None)
+    stretched, stretched_words = run(1500)
+    assert stretched_words == normal_words == true_words(words)
+    assert stretched < normal
+
+
 def test_ten_minutes_without_speech_cost_nothing() -> None:
     session = make_session([])
     engine = ScriptedEngine([])

@@ -44,6 +44,10 @@ START_TIMEOUT_S = 30.0  # a client that connects and never says `start` is let g
 MAX_OUTBOX = 2_000
 MAX_PROMPT_TOKENS = 100
 OVERLOAD_S = 2.0  # a step result later than this after its newest audio: the engine is behind
+# Engine load (0..1) -> how many times `step_ms` a session waits between partial steps. Under
+# load, partial steps are what can give: fewer, larger ones leave the engine free to run each
+# utterance's final at once, which is what finalization latency waits on.
+STEP_STRETCH = ((0.95, 3), (0.8, 2))
 
 
 @dataclass
@@ -360,7 +364,7 @@ class StreamConnection:
         assert session is not None
         while not session.finished:
             self._flush_events()
-            requests = session.decode_requests()
+            requests = session.decode_requests(self._step_ms())
             if not requests:
                 if session.finished:  # that call retired the last (too short) utterance
                     break
@@ -389,6 +393,11 @@ class StreamConnection:
                 self.s.metrics.forward_passes.inc(result.forward_passes)
             self._count_guards()
         self._flush_events()
+
+    def _step_ms(self) -> int:
+        load = self.s.scheduler.load()
+        stretch = next((factor for level, factor in STEP_STRETCH if load >= level), 1)
+        return self.s.config.session.step_ms * stretch
 
     def _count_guards(self) -> None:
         assert self.session is not None

@@ -24,6 +24,7 @@ full context (docs/benchmarks.md has both).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from streamd.errors import EngineError
 from streamd.streaming.window import WindowRequest, WindowResult
 
 DecodeFn = Callable[[list[WindowRequest]], list[WindowResult]]
+LOAD_WINDOW_S = 3.0  # the engine load average's time constant
 
 
 @dataclass
@@ -79,6 +81,8 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="streamd-engine")
         self._task: asyncio.Task[None] | None = None
         self.busy_s = 0.0  # engine time so far (for the RTF)
+        self._load = 0.0  # fraction of recent wall time the engine was busy (moving average)
+        self._load_at = time.monotonic()
         self.last_progress = time.monotonic()  # the watchdog's liveness signal
 
     def start(self) -> None:
@@ -108,6 +112,18 @@ class Scheduler:
         for job in self._pending:
             if job.request.session_id == session_id:
                 job.urgent = True
+
+    def load(self) -> float:
+        """How busy the engine has been lately, 0..1 (an average over ~LOAD_WINDOW_S)."""
+        self._decay(time.monotonic())
+        return self._load
+
+    def _decay(self, now: float, busy_s: float = 0.0) -> None:
+        elapsed = max(now - self._load_at, 1e-6)
+        keep = math.exp(-elapsed / LOAD_WINDOW_S)
+        # over `elapsed`, the engine was busy `busy_s` of it
+        self._load = keep * self._load + (1 - keep) * min(busy_s / elapsed, 1.0)
+        self._load_at = now
 
     def behind_s(self) -> float:
         """How long the oldest waiting request has waited (0 when none): the engine's lag."""
@@ -159,6 +175,7 @@ class Scheduler:
                     )
         elapsed = time.monotonic() - started
         self.busy_s += elapsed
+        self._decay(time.monotonic(), elapsed)
         self.last_progress = time.monotonic()
         for job, outcome in zip(batch, outcomes, strict=True):
             if job.future.done():

@@ -215,8 +215,12 @@ class Session:
 
     # -- work for the engine ----------------------------------------------------------------------
 
-    def decode_requests(self) -> list[WindowRequest]:
-        """The next window to decode, if one is due (at most one is in flight per session)."""
+    def decode_requests(self, step_ms: int | None = None) -> list[WindowRequest]:
+        """The next window to decode, if one is due (at most one is in flight per session).
+
+        step_ms: overrides `config.step_ms` for this call: a driver whose engine is loaded asks
+        for fewer, larger partial steps (finals are never delayed by it).
+        """
         w = self._window
         if self._in_flight is not None or not w.pieces:
             return []
@@ -226,17 +230,18 @@ class Session:
             if until == w.requested_until and self._last_result is not None:
                 # the last step already heard this whole utterance: its words are the final
                 self._finish_utterance(w.tentative, self._last_result)
-                return self.decode_requests()
+                return self.decode_requests(step_ms)
             too_short = w.new_speech(until) < self.config.min_window_ms * SAMPLE_RATE // 1000
             if too_short and not w.tentative:
                 # nothing new since the last commit, or a blip too short to hold a word
                 w.finals.pop(0)
                 w.speech_until_s.pop(0)
                 self._set_partial(None)
-                return self.decode_requests()
+                return self.decode_requests(step_ms)
         else:
             until = len(w.audio)
-            if until - w.requested_until < self.config.step_ms * SAMPLE_RATE // 1000:
+            step = self.config.step_ms if step_ms is None else step_ms
+            if until - w.requested_until < step * SAMPLE_RATE // 1000:
                 return []
             if w.new_speech(until) < self.config.min_window_ms * SAMPLE_RATE // 1000:
                 return []

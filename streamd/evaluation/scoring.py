@@ -1,0 +1,138 @@
+"""Scoring a stream's transcript against its references (DESIGN.md §7).
+
+- error: corpus WER (English, openai-whisper's normalizer) or CER (other languages) of finals;
+- finalization latency per utterance: arrival of the latest final holding one of its words
+  minus the end of its voiced audio (the clip's last 10 ms frame within SPEECH_FLOOR_DB of
+  its peak);
+- first-partial latency: the first partial or final of the utterance minus its first voiced
+  frame;
+- gap words: final words whose middle lies inside a gap, GAP_MARGIN_S from its edges.
+
+Needs jiwer (the `bench` extra) for the error rates only.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamd.errors import ConfigError
+from streamd.evaluation.streams import Gap, Utterance, clip
+from streamd.streaming.events import Final, Partial
+from streamd.streaming.replay import Emitted
+
+SPEECH_FLOOR_DB = 30.0  # a 10 ms frame within this of the clip's loudest is speech
+GAP_MARGIN_S = 0.2  # a word this far inside a gap is hallucinated (times are approximate)
+UTTERANCE_MARGIN_S = 0.3  # output this close to an utterance belongs to it
+BENCH_EXTRA_HINT = "pip install 'streamd[bench]'"
+
+
+@dataclass(frozen=True)
+class StreamScore:
+    """What one stream's events scored: the error rate and the per-utterance latencies."""
+
+    error: float
+    latencies_s: list[float]  # one per utterance that got a final
+    first_partials_s: list[float]  # one per utterance that got any text
+    gap_words: list[str]
+
+
+def normalize(text: str, language: str) -> str:
+    """English: openai-whisper's normalizer. Others: NFKC, no punctuation, no spaces."""
+    if language == "en":
+        return _english_normalizer()(text)
+    text = unicodedata.normalize("NFKC", text)
+    return "".join(c for c in text if not unicodedata.category(c).startswith(("P", "Z", "S")))
+
+
+def error_rate(references: Sequence[str], hypotheses: Sequence[str], language: str) -> float:
+    """Corpus WER (en) or CER (other languages) over normalized texts.
+
+    Raises ConfigError if jiwer is not installed (the `bench` extra).
+    """
+    try:
+        import jiwer
+    except ImportError as exc:
+        raise ConfigError(f"scoring needs jiwer: {BENCH_EXTRA_HINT}") from exc
+    refs = [normalize(r, language) for r in references]
+    hyps = [normalize(h, language) for h in hypotheses]
+    if language == "en":
+        return float(jiwer.wer(refs, hyps))
+    return float(jiwer.cer(refs, hyps))
+
+
+def voiced_bounds(file: str, audio_dir: Path | None = None) -> tuple[float, float]:
+    """(first, last) voiced time of a clip, s: 10 ms frames within SPEECH_FLOOR_DB of its peak."""
+    audio = clip(file, audio_dir)
+    frames = audio[: len(audio) // 160 * 160].reshape(-1, 160)
+    db = 20 * np.log10(np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1)) + 1e-10)
+    voiced = np.nonzero(db > db.max() - SPEECH_FLOOR_DB)[0]
+    return float(voiced[0]) / 100, float(voiced[-1] + 1) / 100
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (numpy's linear rule); NaN for no values."""
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def median(values: Sequence[float]) -> float:
+    """The median; NaN for no values (an empty run reports NaN, it does not crash)."""
+    return percentile(values, 50)
+
+
+def finals_text(emitted: Sequence[Emitted]) -> str:
+    """The committed transcript: every final's text, in order (texts carry their spaces)."""
+    return "".join(e.event.text for e in emitted if isinstance(e.event, Final))
+
+
+def score_events(
+    language: str,
+    emitted: Sequence[Emitted],
+    utterances: Sequence[Utterance],
+    gaps: Sequence[Gap],
+    audio_dir: Path | None = None,
+) -> StreamScore:
+    """Score the events one stream produced (`emitted_at`: wall s since audio time 0)."""
+    finals = [(e.event, e.emitted_at) for e in emitted if isinstance(e.event, Final)]
+    words = [(w, at) for final, at in finals for w in final.words]
+    error = error_rate([" ".join(u.text for u in utterances)], [finals_text(emitted)], language)
+    latencies, first_partials = [], []
+    for u in utterances:
+        first, last = voiced_bounds(u.file, audio_dir)
+        lo, hi = u.start_s - UTTERANCE_MARGIN_S, u.end_s + UTTERANCE_MARGIN_S
+        mine = [at for w, at in words if lo <= w.start < hi]
+        if mine:
+            latencies.append(max(mine) - (u.start_s + last))
+        starts = [
+            e.emitted_at
+            for e in emitted
+            if isinstance(e.event, Partial | Final) and lo <= e.event.start < u.end_s
+        ]
+        if starts:
+            first_partials.append(min(starts) - (u.start_s + first))
+    gap_words = [
+        w.word
+        for w, _ in words
+        for g in gaps
+        if g.start_s + GAP_MARGIN_S < (w.start + w.end) / 2 < g.end_s - GAP_MARGIN_S
+    ]
+    return StreamScore(error, latencies, first_partials, gap_words)
+
+
+@cache
+def _english_normalizer() -> Any:
+    try:
+        from whisper.normalizers import EnglishTextNormalizer
+    except ImportError as exc:  # openai-whisper is a dependency; a broken install lands here
+        raise ConfigError(f"English scoring needs openai-whisper's normalizer: {exc}") from exc
+    with warnings.catch_warnings():
+        # openai-whisper reads its spelling table without closing the file
+        warnings.simplefilter("ignore", ResourceWarning)
+        return EnglishTextNormalizer()
