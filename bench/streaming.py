@@ -14,27 +14,41 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from bench.scoring import error_rate
+from streamd.evaluation import MODEL_FOR_LANGUAGE
+from streamd.evaluation.scoring import (
+    GAP_MARGIN_S,
+    SPEECH_FLOOR_DB,
+    error_rate,
+    median,
+    percentile,
+    score_events,
+    voiced_bounds,
+)
+from streamd.evaluation.streams import STREAM_GAP_ORDER, Gap, Utterance, evaluation_stream
 from streamd.models.loader import load_model
-from streamd.streaming.events import Final, Partial
 from streamd.streaming.replay import Emitted, replay_realtime, replay_virtual
 from streamd.streaming.session import Session
 from streamd.streaming.window import WindowRequest, WindowResult
 from streamd.streaming.window_decoder import WindowDecoder
 from streamd.transcribe import TranscribeOptions, Transcriber
-from tests.synth import Gap, Utterance, build_stream, clip, manifest
 
-MODEL_FOR_LANGUAGE = {"en": "tiny.en", "ja": "base"}
-GAP_KINDS = ("silence", "white", "murmur", "pink")
-SPEECH_FLOOR_DB = 30.0  # a 10 ms frame within this of the clip's loudest is speech
-GAP_MARGIN_S = 0.2  # a word this far inside a gap is hallucinated (times are approximate)
+# the names bench.load / bench.peers used to import from here (now in streamd.evaluation)
+GAP_KINDS: tuple[str, ...] = STREAM_GAP_ORDER
+__all__ = [
+    "GAP_KINDS",
+    "GAP_MARGIN_S",
+    "MODEL_FOR_LANGUAGE",
+    "SPEECH_FLOOR_DB",
+    "Report",
+    "_percentile",
+    "_score",
+    "_voiced_bounds",
+    "run",
+]
 
 
 @dataclass(frozen=True)
@@ -60,16 +74,12 @@ class Report:
 
 
 def _voiced_bounds(file: str) -> tuple[float, float]:
-    """(first, last) voiced time of a clip: 10 ms frames within SPEECH_FLOOR_DB of its peak."""
-    audio = clip(file)
-    frames = audio[: len(audio) // 160 * 160].reshape(-1, 160)
-    db = 20 * np.log10(np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1)) + 1e-10)
-    voiced = np.nonzero(db > db.max() - SPEECH_FLOOR_DB)[0]
-    return float(voiced[0]) / 100, float(voiced[-1] + 1) / 100
+    """(first, last) voiced time of a clip (streamd.evaluation.scoring.voiced_bounds)."""
+    return voiced_bounds(file)
 
 
 def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
+    return percentile(values, q)
 
 
 class _NoDraft:
@@ -90,46 +100,21 @@ def _score(
     utterances: list[Utterance],
     gaps: list[Gap],
 ) -> tuple[float, list[float], list[float], list[str]]:
-    finals = [e for e in emitted if isinstance(e.event, Final)]
-    words = [(w, e.emitted_at) for e in finals for w in e.event.words]  # type: ignore[union-attr]
-    hyp = "".join(e.event.text for e in finals)  # type: ignore[union-attr]
-    ref = " ".join(u.text for u in utterances)
-    error = error_rate([ref], [hyp], language)
-    latencies, first_partials = [], []
-    for u in utterances:
-        first, last = _voiced_bounds(u.file)
-        voiced_end = u.start_s + last
-        mine = [(w, at) for w, at in words if u.start_s - 0.3 <= w.start < u.end_s + 0.3]
-        if mine:
-            latencies.append(max(at for _, at in mine) - voiced_end)
-        starts = [
-            e.emitted_at
-            for e in emitted
-            if isinstance(e.event, Partial | Final) and u.start_s - 0.3 <= e.event.start < u.end_s
-        ]
-        if starts:
-            first_partials.append(min(starts) - (u.start_s + first))
-    gap_words = [
-        w.word
-        for w, _ in words
-        for g in gaps
-        if g.start_s + GAP_MARGIN_S < (w.start + w.end) / 2 < g.end_s - GAP_MARGIN_S
-    ]
-    return error, latencies, first_partials, gap_words
+    """(error, latencies, first-partial latencies, gap words): streamd.evaluation's score."""
+    score = score_events(language, emitted, utterances, gaps)
+    return score.error, score.latencies_s, score.first_partials_s, score.gap_words
 
 
 def run(language: str, virtual: bool, seed: int, buckets_s: tuple[int, ...] = (30,)) -> Report:
     model_name = MODEL_FOR_LANGUAGE[language]
-    files = [m["file"] for m in manifest() if m["language"] == language]
-    gaps_kinds = [GAP_KINDS[i % len(GAP_KINDS)] for i in range(len(files) + 1)]
-    audio, utterances, gaps = build_stream(files, gaps_kinds, seed=seed)  # type: ignore[arg-type]
+    stream = evaluation_stream(language, seed)
+    audio, utterances, gaps = stream.audio, list(stream.utterances), list(stream.gaps)
     model = load_model(model_name)
     decoder = WindowDecoder(model, buckets_s=buckets_s)
     offline = Transcriber(model, decoder.engine).transcribe(
         audio, TranscribeOptions(language=language)
     )
-    ref = " ".join(u.text for u in utterances)
-    offline_error = error_rate([ref], [offline.text], language)
+    offline_error = error_rate([stream.reference_text], [offline.text], language)
 
     session = Session(language=language)
     start = time.perf_counter()
@@ -151,12 +136,10 @@ def run(language: str, virtual: bool, seed: int, buckets_s: tuple[int, ...] = (3
         utterances=len(utterances),
         error_streaming=round(error, 4),
         error_offline=round(offline_error, 4),
-        latency_median_s=round(statistics.median(latencies), 3) if latencies else float("nan"),
-        latency_p90_s=round(_percentile(latencies, 90), 3),
-        latency_max_s=round(max(latencies), 3) if latencies else float("nan"),
-        first_partial_median_s=round(statistics.median(first_partials), 3)
-        if first_partials
-        else float("nan"),
+        latency_median_s=round(median(latencies), 3),
+        latency_p90_s=round(percentile(latencies, 90), 3),
+        latency_max_s=round(max(latencies, default=float("nan")), 3),
+        first_partial_median_s=round(median(first_partials), 3),
         gap_words=len(gap_words),
         gap_word_list=gap_words,
         passes_per_audio_s=round(session.stats.forward_passes / audio_s, 2),
