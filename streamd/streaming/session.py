@@ -41,6 +41,10 @@ from streamd.vad import SpeechStarted as VadStarted
 OVERLAP_WINDOW_S = 0.5
 # a word starting this long after the VAD's last foreground frame is not the speaker's
 HANGOVER_WORD_MARGIN_S = 0.3
+# A step whose window reaches this far past an utterance's last foreground speech heard all of
+# it: once the VAD ends the utterance (its hangover ran out), that step's words are the final
+# and no decode of the hangover's non-speech is needed.
+HEARD_AFTER_SPEECH_S = 0.4
 
 
 class SpeechGate(Protocol):
@@ -227,7 +231,7 @@ class Session:
         max_samples = int(MAX_WINDOW_S * SAMPLE_RATE)
         if w.finals:
             until = w.finals[0]
-            if until == w.requested_until and self._last_result is not None:
+            if w.requested_until >= self._heard_all(until) and self._last_result is not None:
                 # the last step already heard this whole utterance: its words are the final
                 self._finish_utterance(w.tentative, self._last_result)
                 return self.decode_requests(step_ms)
@@ -294,7 +298,9 @@ class Session:
         if recent and words and words[0].start < recent[-1].end + OVERLAP_WINDOW_S:
             words = strip_overlap(recent, words)
         # a step that reached the end of an utterance that has since ended is its final
-        final = request.final or (bool(w.finals) and w.finals[0] == len(request.audio))
+        final = request.final or (
+            bool(w.finals) and len(request.audio) >= self._heard_all(w.finals[0])
+        )
         if final:
             self._finish_utterance(words, result)
             return
@@ -311,6 +317,12 @@ class Session:
         self._last_result = result
         self._maybe_trim(window_s)
         self._set_partial(w.tentative)
+
+    def _heard_all(self, until: int) -> int:
+        """Window sample from which a step has heard the whole utterance that ends at `until`
+        (the first pending final point): its end, or a margin past its last speech."""
+        w = self._window
+        return min(until, w.window_sample(w.speech_until_s[0] + HEARD_AFTER_SPEECH_S))
 
     def _finish_utterance(self, words: list[HypWord], result: WindowResult) -> None:
         """Commit every word of the utterance that ends at the first pending final point."""
