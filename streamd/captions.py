@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, TextIO
+import json
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from streamd.streaming.replay import Emitted
 
 
 class Captions:
@@ -40,3 +44,30 @@ class Captions:
             dim = f"\x1b[2m{partial}\x1b[0m" if partial else ""
             self.out.write(f"\r\x1b[K{self.line.strip()}{dim}")
             self.out.flush()
+
+
+class EventPrinter:
+    """Session events as `streamd replay` / `streamd mic` print them: captions, or (jsonl) one
+    protocol v1 message per line with `emitted_at`. Call with each event; `close()` at the end."""
+
+    def __init__(self, out: TextIO, jsonl: bool) -> None:
+        self.out = out
+        self.jsonl = jsonl
+        self.captions = Captions(out)
+        self.seq = 0
+
+    def __call__(self, item: Emitted) -> None:
+        from streamd.protocol import event_message
+
+        self.seq += 1
+        message = event_message(item.event, self.seq)
+        if self.jsonl:
+            message["emitted_at"] = round(item.emitted_at, 3)
+            self.out.write(json.dumps(message, ensure_ascii=False) + "\n")
+            self.out.flush()
+        else:
+            self.captions.show(message)
+
+    def close(self) -> None:
+        if not self.jsonl:
+            self.captions.close_line()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import sys
 from collections.abc import Callable
@@ -49,8 +48,7 @@ def add_parser(
 def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedModel]) -> int:
     """List devices, or capture from the chosen one until Ctrl-C; `load` gives the model."""
     from streamd import mic
-    from streamd.captions import Captions
-    from streamd.protocol import event_message
+    from streamd.captions import EventPrinter
     from streamd.streaming.config import SessionConfig
     from streamd.streaming.session import Session
     from streamd.streaming.window_decoder import WindowDecoder
@@ -67,19 +65,7 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
         vocabulary = tuple(model.tokenizer(args.language).encode(" " + args.prompt.strip()))
     session = Session(config, language=args.language, vocabulary=vocabulary)
     decoder = WindowDecoder(model)
-    captions = Captions(sys.stdout)
-    seq = 0
-
-    def on_event(item: Emitted) -> None:
-        nonlocal seq
-        seq += 1
-        message = event_message(item.event, seq)
-        if args.jsonl:
-            message["emitted_at"] = round(item.emitted_at, 3)
-            sys.stdout.write(json.dumps(message, ensure_ascii=False) + "\n")
-            sys.stdout.flush()
-        else:
-            captions.show(message)
+    on_event = EventPrinter(sys.stdout, args.jsonl)
 
     resampled = "" if source.rate_hz == 16000 else f", resampled from {source.rate_hz} Hz"
     print(
@@ -89,8 +75,7 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
     try:
         asyncio.run(_capture(source, session, decoder.decode, on_event))
     finally:
-        if not args.jsonl:
-            captions.close_line()
+        on_event.close()
         _report(source.stats)
     return 0
 

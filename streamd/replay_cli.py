@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,9 +40,8 @@ def add_parser(
 def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedModel]) -> int:
     """Replay `args.file`; `load` gives the model for the model flags."""
     from streamd.audio import load_audio
-    from streamd.captions import Captions
+    from streamd.captions import EventPrinter
     from streamd.decoding.result import Segment, Transcript
-    from streamd.protocol import event_message
     from streamd.streaming.config import SessionConfig
     from streamd.streaming.events import Final
     from streamd.streaming.replay import Emitted, replay_realtime, replay_virtual
@@ -67,30 +65,20 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
     if args.prompt:
         vocabulary = tuple(model.tokenizer(args.language).encode(" " + args.prompt.strip()))
     session = Session(config, language=args.language, vocabulary=vocabulary)
-    captions = Captions(sys.stdout)
-    seq = 0
+    printer = EventPrinter(sys.stdout, args.jsonl)
     finals: list[Final] = []
 
     def on_event(item: Emitted) -> None:
-        nonlocal seq
-        seq += 1
-        message = event_message(item.event, seq)
         if isinstance(item.event, Final):
             finals.append(item.event)
-        if args.jsonl:
-            message["emitted_at"] = round(item.emitted_at, 3)
-            sys.stdout.write(json.dumps(message, ensure_ascii=False) + "\n")
-            sys.stdout.flush()
-        else:
-            captions.show(message)
+        printer(item)
 
     if args.realtime:
         asyncio.run(replay_realtime(session, audio, decoder.decode, on_event=on_event))
     else:
         for item in replay_virtual(session, audio, decoder.decode):
             on_event(item)
-    if not args.jsonl:
-        captions.close_line()
+    printer.close()
     if args.format:
         segments = tuple(
             Segment(
