@@ -35,6 +35,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+import common
+
 DEFAULT_UFAL_DIR = Path(__file__).resolve().parents[2] / ".peers-venv/src/ufal_whisper_streaming"
 SILERO_HUB_REPO = "snakers4/silero-vad"
 _VAC_IDLE_PREFIX = "no online update"  # printed by its VAD controller every 40 ms chunk
@@ -99,20 +101,7 @@ def _patch_offline_cpu(compute_type: str, cpu_threads: int) -> None:
     import faster_whisper
     import torch
 
-    base = faster_whisper.WhisperModel
-
-    class CpuWhisperModel(base):  # type: ignore[misc, valid-type]
-        def __init__(self, model_size_or_path: str, **kwargs: Any) -> None:
-            kwargs.update(device="cpu", compute_type=compute_type, local_files_only=True)
-            kwargs["cpu_threads"] = cpu_threads
-            print(
-                f"peers shim: WhisperModel({model_size_or_path!r}, device=cpu, "
-                f"compute_type={compute_type}, cpu_threads={cpu_threads})",
-                file=sys.stderr,
-            )
-            super().__init__(model_size_or_path, **kwargs)
-
-    faster_whisper.WhisperModel = CpuWhisperModel
+    common.force_cpu_model(faster_whisper, compute_type, cpu_threads)
 
     hub_load = torch.hub.load
 
@@ -128,9 +117,7 @@ def _patch_offline_cpu(compute_type: str, cpu_threads: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("audio", type=Path, help="16 kHz mono wav")
-    parser.add_argument("--model-dir", required=True, help="faster-whisper (CTranslate2) dir")
-    parser.add_argument("--language", default="en")
+    common.add_common_args(parser, "CTranslate2 compute type")
     parser.add_argument("--min-chunk-size", type=float, default=1.0, help="s (theirs: 1.0)")
     parser.add_argument(
         "--vac",
@@ -141,13 +128,6 @@ def main() -> None:
     parser.add_argument("--vac-chunk-size", type=float, default=0.04, help="s (theirs: 0.04)")
     parser.add_argument("--vad", action="store_true", help="faster-whisper's vad_filter too")
     parser.add_argument("--buffer-trimming-sec", type=float, default=15.0, help="theirs: 15")
-    parser.add_argument("--compute-type", default="float32", help="CTranslate2 compute type")
-    parser.add_argument(
-        "--cpu-threads",
-        type=int,
-        default=os.cpu_count() or 0,
-        help="CTranslate2 threads; default: the cores (as torch for streamd); 0: its own 4",
-    )
     parser.add_argument("--torch-threads", type=int, default=1, help="for Silero VAD")
     parser.add_argument("--log-level", default="WARNING", help="its logging level (to stderr)")
     parser.add_argument(

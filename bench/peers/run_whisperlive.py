@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import soundfile as sf
 
@@ -54,20 +54,7 @@ def _serve(port: int, model_dir: str, compute_type: str, cpu_threads: int) -> No
     import whisper_live.backend.faster_whisper_backend as backend
     from whisper_live.server import TranscriptionServer
 
-    base = backend.WhisperModel
-
-    class ForcedWhisperModel(base):  # type: ignore[misc, valid-type]
-        def __init__(self, model_size_or_path: str, **kwargs: Any) -> None:
-            kwargs.update(device="cpu", compute_type=compute_type, local_files_only=True)
-            kwargs["cpu_threads"] = cpu_threads
-            print(
-                f"peers shim: WhisperModel({model_size_or_path!r}, device=cpu, "
-                f"compute_type={compute_type}, cpu_threads={cpu_threads})",
-                file=sys.stderr,
-            )
-            super().__init__(model_size_or_path, **kwargs)
-
-    backend.WhisperModel = ForcedWhisperModel
+    common.force_cpu_model(backend, compute_type, cpu_threads)
     TranscriptionServer().run(
         "127.0.0.1",
         port=port,
@@ -149,12 +136,6 @@ def translate(messages: list[tuple[Any, float]]) -> list[dict[str, Any]]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_listening(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -175,16 +156,7 @@ def main() -> None:
         _serve(int(serve_port), model_dir, compute_type, int(cpu_threads))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("audio", type=Path, help="16 kHz mono wav")
-    parser.add_argument("--model-dir", required=True, help="faster-whisper (CTranslate2) dir")
-    parser.add_argument("--language", default="en")
-    parser.add_argument("--compute-type", default="float32", help="CTranslate2; theirs: int8")
-    parser.add_argument(
-        "--cpu-threads",
-        type=int,
-        default=os.cpu_count() or 0,
-        help="CTranslate2 threads; default: the cores (as torch for streamd); 0: its own 4",
-    )
+    common.add_common_args(parser, "CTranslate2; theirs: int8")
     parser.add_argument(
         "--vad",
         action=argparse.BooleanOptionalAction,
@@ -197,7 +169,7 @@ def main() -> None:
     audio, rate = sf.read(args.audio, dtype="float32", always_2d=False)
     if rate != SAMPLE_RATE or audio.ndim != 1:
         sys.exit(f"{args.audio}: need 16 kHz mono, got {rate} Hz, shape {audio.shape}")
-    port = _free_port()
+    port = common.free_port()
     url = f"ws://127.0.0.1:{port}"
     options = {"language": args.language, "task": "transcribe", "model": args.model_dir}
     options["use_vad"] = args.vad

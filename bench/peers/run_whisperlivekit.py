@@ -37,7 +37,6 @@ import asyncio
 import json
 import os
 import runpy
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import soundfile as sf
 
@@ -59,20 +59,7 @@ def _serve(compute_type: str, cpu_threads: int, server_args: list[str]) -> None:
     """Child process: the stock server, with WhisperModel forced onto the CPU."""
     import faster_whisper
 
-    base = faster_whisper.WhisperModel
-
-    class CpuWhisperModel(base):  # type: ignore[misc, valid-type]
-        def __init__(self, model_size_or_path: str, **kwargs: Any) -> None:
-            kwargs.update(device="cpu", compute_type=compute_type, local_files_only=True)
-            kwargs["cpu_threads"] = cpu_threads
-            print(
-                f"peers shim: WhisperModel({model_size_or_path!r}, device=cpu, "
-                f"compute_type={compute_type}, cpu_threads={cpu_threads})",
-                file=sys.stderr,
-            )
-            super().__init__(model_size_or_path, **kwargs)
-
-    faster_whisper.WhisperModel = CpuWhisperModel
+    common.force_cpu_model(faster_whisper, compute_type, cpu_threads)
     sys.argv = ["whisperlivekit-server", *server_args]
     runpy.run_module("whisperlivekit.basic_server", run_name="__main__", alter_sys=True)
 
@@ -149,12 +136,6 @@ async def _stream(url: str, audio: np.ndarray) -> list[tuple[dict[str, Any], flo
     return received
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -176,16 +157,7 @@ def main() -> None:
         _serve(compute_type, int(cpu_threads), server_args)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("audio", type=Path, help="16 kHz mono wav")
-    parser.add_argument("--model-dir", required=True, help="faster-whisper (CTranslate2) dir")
-    parser.add_argument("--language", default="en")
-    parser.add_argument("--compute-type", default="float32", help="CTranslate2; 'auto' = theirs")
-    parser.add_argument(
-        "--cpu-threads",
-        type=int,
-        default=os.cpu_count() or 0,
-        help="CTranslate2 threads; default: the cores (as torch for streamd); 0: its own 4",
-    )
+    common.add_common_args(parser, "CTranslate2; 'auto' = theirs")
     parser.add_argument(
         "--vac",
         action=argparse.BooleanOptionalAction,
@@ -199,7 +171,7 @@ def main() -> None:
     audio, rate = sf.read(args.audio, dtype="float32", always_2d=False)
     if rate != SAMPLE_RATE or audio.ndim != 1:
         sys.exit(f"{args.audio}: need 16 kHz mono, got {rate} Hz, shape {audio.shape}")
-    port = _free_port()
+    port = common.free_port()
     with tempfile.TemporaryDirectory(prefix="wlk-") as tmp:
         warmup = Path(tmp) / "warmup.wav"
         sf.write(warmup, audio[:SAMPLE_RATE], SAMPLE_RATE)
