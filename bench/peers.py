@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import tempfile
 import time
-import wave
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from bench.streaming import (
     _percentile,
     _voiced_bounds,
 )
+from streamd.evaluation.streams import write_wav
 from tests.synth import Gap, Utterance, build_stream, manifest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -124,15 +124,6 @@ def ct2_model_dir(model: str) -> Path:
     return target
 
 
-def _write_wav(path: Path, audio: np.ndarray) -> None:
-    pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes(pcm.tobytes())
-
-
 def run_peer(
     name: str,
     audio: np.ndarray,
@@ -152,7 +143,7 @@ def run_peer(
     model_dir = ct2_model_dir(model or MODEL_FOR_LANGUAGE[language])
     with tempfile.TemporaryDirectory(prefix="streamd-peer-") as tmp:
         wav, log = Path(tmp) / "audio.wav", Path(tmp) / "peer.log"
-        _write_wav(wav, audio)
+        write_wav(wav, audio)
         command = [str(python), str(PEER_SCRIPTS[name]), str(wav), "--model-dir", str(model_dir)]
         command += ["--language", language, *extra_args]
         with log.open("wb") as stderr:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +52,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_up(
+    process: subprocess.Popen[bytes],
+    name: str,
+    log: Path,
+    probe: Callable[[], bool],
+    timeout_s: float,
+    poll_s: float,
+) -> None:
+    """Until `probe()` says the peer server is up (an OSError counts as not yet); a clear
+    RuntimeError with its log's tail if it exits first or never comes up."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"{name} server exited ({process.returncode}):\n{tail}")
+        try:
+            if probe():
+                return
+        except OSError:
+            pass
+        time.sleep(poll_s)
+    raise RuntimeError(f"{name} server not up after {timeout_s:.0f}s; see {log}")

@@ -136,18 +136,9 @@ def translate(messages: list[tuple[Any, float]]) -> list[dict[str, Any]]:
     return out
 
 
-def _wait_listening(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text(errors="replace")[-4000:]
-            raise RuntimeError(f"whisperlive server exited ({process.returncode}):\n{tail}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"whisperlive server not listening after {READY_TIMEOUT_S:.0f}s; see {log}")
+def _listening(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
 
 
 def main() -> None:
@@ -180,7 +171,9 @@ def main() -> None:
         with log.open("wb") as log_file:
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
             try:
-                _wait_listening(process, port, log)
+                common.wait_up(
+                    process, "whisperlive", log, lambda: _listening(port), READY_TIMEOUT_S, 0.3
+                )
                 _session(url, audio[:SAMPLE_RATE], options)  # warm-up: loads the model
                 messages = _session(url, audio, options)
             finally:

@@ -136,19 +136,9 @@ async def _stream(url: str, audio: np.ndarray) -> list[tuple[dict[str, Any], flo
     return received
 
 
-def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text(errors="replace")[-4000:]
-            raise RuntimeError(f"whisperlivekit server exited ({process.returncode}):\n{tail}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"whisperlivekit server not ready after {READY_TIMEOUT_S:.0f}s; see {log}")
+def _healthy(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return bool(response.status == 200)
 
 
 def main() -> None:
@@ -190,7 +180,10 @@ def main() -> None:
                 env={**os.environ, "HF_HUB_OFFLINE": "1"},
             )  # fmt: skip
             try:
-                _wait_ready(process, f"http://127.0.0.1:{port}/health", log)
+                health = f"http://127.0.0.1:{port}/health"
+                common.wait_up(
+                    process, "whisperlivekit", log, lambda: _healthy(health), READY_TIMEOUT_S, 0.5
+                )
                 url = f"ws://127.0.0.1:{port}/asr?language={args.language}"
                 messages = asyncio.run(_stream(url, audio))
             finally:

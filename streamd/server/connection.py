@@ -29,7 +29,14 @@ from streamd.errors import ConfigError, EngineError
 from streamd.protocol import PROTOCOL_VERSION, event_message
 from streamd.server.config import Config
 from streamd.server.journal import Journal, SessionJournal
-from streamd.server.messages import End, Finalize, ProtocolError, Start, parse_client_message
+from streamd.server.messages import (
+    ClientMessage,
+    End,
+    Finalize,
+    ProtocolError,
+    Start,
+    parse_client_message,
+)
 from streamd.server.metrics import Metrics
 from streamd.server.pcm import PcmDecoder
 from streamd.server.scheduler import Scheduler
@@ -193,11 +200,7 @@ class StreamConnection:
             if isinstance(frame, bytes):
                 await self._error("not_started", "audio before the start message was dropped")
                 continue
-            try:
-                message = parse_client_message(frame)
-            except ProtocolError as exc:
-                await self._error(exc.code, str(exc))
-                continue
+            message = await self._parse(frame)
             match message:
                 case Start():
                     try:
@@ -298,11 +301,7 @@ class StreamConnection:
                         continue  # shutting down: what was heard is being finalized
                     await self._audio(frame)
                     continue
-                try:
-                    message = parse_client_message(frame)
-                except ProtocolError as exc:
-                    await self._error(exc.code, str(exc))
-                    continue
+                message = await self._parse(frame)
                 match message:
                     case Start():
                         await self._error("bad_message", "already started; start is sent once")
@@ -321,6 +320,15 @@ class StreamConnection:
             self._client_gone = True
             log.info("session %s: client went away; finalizing what it sent", self.session_id)
             self._end_stream()
+
+    async def _parse(self, text: str) -> ClientMessage | None:
+        """The command in a text frame, or None once the client was told why not (the
+        connection goes on: a bad message is never fatal)."""
+        try:
+            return parse_client_message(text)
+        except ProtocolError as exc:
+            await self._error(exc.code, str(exc))
+            return None
 
     async def _audio(self, frame: bytes) -> None:
         assert self.session is not None and self._pcm is not None
