@@ -15,8 +15,10 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -42,6 +44,8 @@ TOKEN = "captions-page-test-token"
 FIRST_WORDS = "fellow americans"
 PHRASE = "ask not what your country can do for you"
 LAST_WORDS = "ask what you can do for your country"
+CLIP_WORDS = f"and so my {FIRST_WORDS} {PHRASE} {LAST_WORDS}".split()
+STALL_S = 2.5  # audio in flight at the cut: ~6 words the page must send again
 CAPTIONS_TIMEOUT_S = 60.0
 STATE_TIMEOUT_S = 30.0
 MIN_SCREENSHOT_BYTES = 30_000  # the idle page is ~14 kB, three lines of captions ~50 kB
@@ -133,7 +137,8 @@ class _Pair:
 
 class CuttableProxy:
     """A TCP relay to the daemon that can drop every connection through it at once, as a network
-    failure would: the page's websocket ends without a close frame (code 1006)."""
+    failure would: the page's websocket ends without a close frame (code 1006). It can also
+    stall first (stop passing data towards the daemon), so that audio is in flight at the cut."""
 
     def __init__(self, upstream_port: int) -> None:
         self._upstream = ("127.0.0.1", upstream_port)
@@ -142,6 +147,8 @@ class CuttableProxy:
         self._lock = threading.Lock()
         self._pairs: set[_Pair] = set()
         self._threads: list[threading.Thread] = []
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._spawn(self._accept)
 
     def __enter__(self) -> CuttableProxy:
@@ -160,7 +167,12 @@ class CuttableProxy:
         for pair in doomed:
             _drop(pair.client)
             _drop(pair.upstream)
+        self._flowing.set()  # a stalled pump wakes up to a dropped socket: its data is lost
         return len(doomed)
+
+    def stall(self) -> None:
+        """Hold everything the page sends from now on (until the cut, which drops it)."""
+        self._flowing.clear()
 
     def _spawn(self, target: Callable[..., None], *args: object) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
@@ -181,12 +193,20 @@ class CuttableProxy:
             pair = _Pair(client, upstream)
             with self._lock:
                 self._pairs.add(pair)
-            self._spawn(self._pump, pair, client, upstream)
+            self._spawn(self._pump, pair, client, upstream, self._flowing)
             self._spawn(self._pump, pair, upstream, client)
 
-    def _pump(self, pair: _Pair, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(
+        self,
+        pair: _Pair,
+        src: socket.socket,
+        dst: socket.socket,
+        flowing: threading.Event | None = None,
+    ) -> None:
         try:
             while data := src.recv(65536):
+                if flowing is not None:
+                    flowing.wait()
                 dst.sendall(data)
             dst.shutdown(socket.SHUT_WR)  # pass the orderly end on; the other way may go on
         except OSError:
@@ -418,9 +438,11 @@ def test_refused_stream_shows_the_error(
 def test_reconnects_and_resumes_after_a_network_cut(
     daemon: Daemon, browser: webdriver.Chrome
 ) -> None:
-    """Started with the button; the network drops mid-speech; the page resumes the same session
+    """Started with the button; the network stalls then drops mid-speech; the page resumes the
+    same session, sends again the audio that was in flight (from the daemon's `ready.audio_s`),
     and ends up showing exactly the finals the daemon journaled for it: none lost (those the
-    daemon finalized after the cut are re-sent on resume), none twice, in order."""
+    daemon finalized after the cut are re-sent on resume), none twice, in order; and the words
+    spoken during the stall are there."""
     daemon_port = int(daemon.http_url.rsplit(":", 1)[1])
     with CuttableProxy(daemon_port) as proxy:
         browser.get(page_url(f"http://127.0.0.1:{proxy.port}", token=TOKEN))
@@ -430,6 +452,8 @@ def test_reconnects_and_resumes_after_a_network_cut(
             browser, lambda d: FIRST_WORDS in finals_text(d), CAPTIONS_TIMEOUT_S, "first final"
         )
         session = session_id(browser)
+        proxy.stall()
+        time.sleep(STALL_S)
         assert proxy.cut() >= 1, "the websocket did not go through the proxy"
         wait_until(
             browser,
@@ -454,6 +478,13 @@ def test_reconnects_and_resumes_after_a_network_cut(
     assert finals_text(browser) == normalise(" ".join(r["text"] for r in journaled))
     reasons = [r["reason"] for r in records if r["type"] == "closed"]
     assert reasons == ["client_gone", "end"], reasons
+    resent_ms = int(str(browser.find_element(By.TAG_NAME, "body").get_attribute("data-resent-ms")))
+    assert resent_ms >= (STALL_S - 0.5) * 1000, resent_ms
+    # Without the resend ~6 words spoken during the stall would be missing; with it, at most the
+    # word cut in two at the join (and tiny.en's "am I" for "my") differ from the clip.
+    heard = finals_text(browser).split()
+    matched = SequenceMatcher(None, CLIP_WORDS, heard).get_matching_blocks()
+    assert sum(block.size for block in matched) >= len(CLIP_WORDS) - 3, heard
 
 
 def session_id(driver: webdriver.Chrome) -> str:

@@ -223,6 +223,7 @@ def test_jfk_finals_are_journaled_before_they_are_sent(daemon: Daemon) -> None:
     assert ready["type"] == "ready", client.brief()  # the first message; its seq is checked below
     assert ready["protocol"] == 1 and ready["model"] == "tiny.en"
     assert ready["sample_rate"] == 16_000 and ready["resumed"] is False
+    assert ready["audio_s"] == 0.0  # a new session: nothing heard yet
     assert isinstance(ready["session"], str) and ready["session"]
     assert_seq_increasing(client)
     assert client.binary_frames == 0
@@ -794,6 +795,8 @@ def test_resume_replays_missed_finals_and_continues(daemon: Daemon) -> None:
     assert new_finals, second.brief()
     assert min(f["segment"] for f in new_finals) >= old_closed["next_segment"]
     assert old_closed["audio_s"] == pytest.approx(CUT_S, abs=0.01)
+    # where the client's resent audio joins the timeline: exactly what the first connection heard
+    assert ready["audio_s"] == old_closed["audio_s"], (ready, old_closed)
     for m in new:
         for key in ("t", "start"):
             if key in m:

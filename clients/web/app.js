@@ -118,6 +118,8 @@ function showMessage(message) {
 
 function showState(state, info) {
   setView(state, describe(state, info));
+  // for tests and the curious: how much audio a reconnect had to send again
+  document.body.dataset.resentMs = String(Math.round(info.resentMs));
   if ((state === "closed" || state === "error") && run) {
     run.mic.close();
     run = null;

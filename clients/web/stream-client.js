@@ -6,6 +6,7 @@ const BACKOFF_MAX_MS = 5000;
 const BACKOFF_JITTER = 0.2; // so that the clients of a restarted daemon do not return in lockstep
 const BYTES_PER_MS = 32; // 16 kHz x 2 bytes, mono
 const MAX_QUEUED_MS = 30000; // audio kept while disconnected; beyond it the oldest is dropped
+const MAX_SENT_MS = 30000; // audio kept after sending, to resend what a dropped connection lost
 const MAX_IN_FLIGHT_MS = 2000; // more than this unsent in the socket: hold audio in our queue
 const STOP_TIMEOUT_MS = 15000; // Stop waits this long for the server to confirm the last words
 
@@ -43,6 +44,11 @@ export class StreamClient {
     this.queue = [];
     this.queuedBytes = 0;
     this.droppedMs = 0;
+    // What went into the socket, kept to resend what a dropped connection lost in flight:
+    // [{pos, chunk}] in session byte positions; sentBytes is where the next chunk starts.
+    this.sent = [];
+    this.sentBytes = 0;
+    this.resentMs = 0;
     this.attempt = 0;
     this.retryTimer = null;
     this.stopTimer = null;
@@ -169,6 +175,10 @@ export class StreamClient {
       this.session = message.session;
       this.lastSeq = 0;
       this.lastFinalSeq = 0;
+      this.sent = [];
+      this.sentBytes = 0;
+    } else if (message.resumed) {
+      this.resendUnheard(Number(message.audio_s) || 0);
     }
     this.ready = true;
     this.attempt = 0;
@@ -224,6 +234,27 @@ export class StreamClient {
     this.retryTimer = setTimeout(() => this.open(), delayMs);
   }
 
+  /** Put what we sent after the server's `audio_s` back at the front of the queue: it was in
+   * flight (our socket buffer, the network, the server's receive buffer) when the connection
+   * died. Nothing is heard twice: the cut is on a sample boundary at or after audio_s. */
+  resendUnheard(audioS) {
+    const heard = 2 * Math.floor((audioS * BYTES_PER_MS * 1000) / 2);
+    const again = [];
+    for (const { pos, chunk } of this.sent) {
+      const end = pos + chunk.byteLength;
+      if (end <= heard) continue;
+      again.push(pos >= heard ? chunk : chunk.slice(heard - pos));
+    }
+    const oldest = this.sent.length > 0 ? this.sent[0].pos : this.sentBytes;
+    if (oldest > heard) this.droppedMs += (oldest - heard) / BYTES_PER_MS; // beyond what we kept
+    const bytes = again.reduce((sum, chunk) => sum + chunk.byteLength, 0);
+    this.resentMs += bytes / BYTES_PER_MS;
+    this.queue.unshift(...again);
+    this.queuedBytes += bytes;
+    this.sent = [];
+    this.sentBytes = heard; // the server's timeline: our next byte lands there
+  }
+
   pump(all) {
     const ws = this.ws;
     if (!ws || !this.ready || ws.readyState !== WebSocket.OPEN) return;
@@ -231,6 +262,11 @@ export class StreamClient {
       const chunk = this.queue.shift();
       this.queuedBytes -= chunk.byteLength;
       ws.send(chunk);
+      this.sent.push({ pos: this.sentBytes, chunk });
+      this.sentBytes += chunk.byteLength;
+    }
+    while (this.sent.length > 0 && this.sentBytes - this.sent[0].pos > MAX_SENT_MS * BYTES_PER_MS) {
+      this.sent.shift();
     }
   }
 
@@ -256,6 +292,6 @@ export class StreamClient {
 
   setState(state, info) {
     this.state = state;
-    this.onState(state, { ...info, droppedMs: this.droppedMs });
+    this.onState(state, { ...info, droppedMs: this.droppedMs, resentMs: this.resentMs });
   }
 }

@@ -281,6 +281,9 @@ class StreamConnection:
             "model": self.s.model_name,
             "sample_rate": start.sample_rate,
             "resumed": resumed_from,
+            # where this connection's audio joins the session's timeline: a resuming client
+            # resends what it sent after this point (lost in flight when the connection died)
+            "audio_s": round(self._time_offset_s, 3),
         }
         await self._send(ready)
         for final in resumed:
