@@ -108,7 +108,7 @@ FINAL_MESSAGE = {
 }
 MESSAGES = [
     {"type": "ready", "seq": 0, "session": "ab12", "protocol": 1, "model": "tiny.en",
-     "sample_rate": 16000, "resumed": True},
+     "sample_rate": 16000, "resumed": True, "audio_s": 2.5},
     {"type": "speech_started", "seq": 1, "t": 0.0},
     {"type": "speech_ended", "seq": 2, "t": 2},
     {"type": "partial", "seq": 3, "segment": 0, "start": 0.0, "end": 0.96, "text": " And so"},
@@ -120,7 +120,9 @@ MESSAGES = [
 
 def test_parse_gives_typed_events_with_every_field() -> None:
     events = [parse_message(json.dumps(m)) for m in MESSAGES]
-    assert events[0] == Ready(0, "ab12", 1, "tiny.en", 16000, resumed=True)
+    assert events[0] == Ready(0, "ab12", 1, "tiny.en", 16000, resumed=True, audio_s=2.5)
+    older = {k: v for k, v in MESSAGES[0].items() if k != "audio_s"}  # a daemon from before it
+    assert parse_event(older) == Ready(0, "ab12", 1, "tiny.en", 16000, resumed=True, audio_s=None)
     assert events[1] == SpeechStarted(1, 0.0)
     assert events[2] == SpeechEnded(2, 2.0) and isinstance(events[2].t, float)
     assert events[3] == Partial(3, 0, 0.0, 0.96, " And so")
@@ -163,6 +165,7 @@ def test_an_unknown_type_is_an_unknown_event_not_an_error() -> None:
         ('{"type": "error", "seq": 1, "code": "busy", "fatal": "yes"}', "'fatal'"),
         (json.dumps({**FINAL_MESSAGE, "words": [{"word": " x", "start": 0}]}), "word"),
         (json.dumps({**FINAL_MESSAGE, "language": 3}), "'language'"),
+        (json.dumps({**MESSAGES[0], "audio_s": "2.5"}), "'audio_s' should be a number"),
     ],
 )
 def test_a_malformed_known_message_is_a_protocol_error(message: str, complaint: str) -> None:
@@ -417,10 +420,19 @@ class ScriptedServer:
     async def send(ws: ServerConnection, **message: Any) -> None:
         await ws.send(json.dumps(message))
 
-    async def ready(self, ws: ServerConnection, session: str, resumed: bool = False) -> None:
+    async def ready(
+        self,
+        ws: ServerConnection,
+        session: str,
+        resumed: bool = False,
+        audio_s: float | None = None,
+    ) -> None:
+        """`audio_s` defaults to what the daemon says: the audio of the connections before."""
+        if audio_s is None:
+            audio_s = heard_s(*self.audio[: self._index[ws]]) if resumed else 0.0
         await self.send(
             ws, type="ready", seq=0, session=session, protocol=1, model="fake",
-            sample_rate=16000, resumed=resumed,
+            sample_rate=16000, resumed=resumed, audio_s=audio_s,
         )  # fmt: skip
 
     async def final(self, ws: ServerConnection, seq: int, segment: int, text: str) -> None:
@@ -435,11 +447,33 @@ class ScriptedServer:
                 return
         raise AssertionError(f"connection ended before {control}")
 
+    async def receive_frames(self, ws: ServerConnection, count: int) -> None:
+        """Collect `count` audio frames (the daemon hears them)."""
+        for _ in range(count):
+            frame = await ws.recv()
+            assert isinstance(frame, bytes), frame
+            self.audio[self._index[ws]] += frame
+
+    @staticmethod
+    async def miss_frame(ws: ServerConnection) -> None:
+        """Take one audio frame off the socket unheard, as one still in the daemon's receive
+        buffer when the connection dies (so the client surely handed it to this connection)."""
+        assert isinstance(await ws.recv(), bytes)
+
     @staticmethod
     def drop(ws: ServerConnection) -> None:
         """Kill the TCP connection without a close frame, as a crash or a network cut does."""
         assert ws.transport is not None
         ws.transport.abort()
+
+
+def heard_s(*audio: bytes | bytearray) -> float:
+    """The session's audio_s after these connections' audio, kept as the daemon keeps it
+    (rounded to the ms, per connection)."""
+    total = 0.0
+    for part in audio:
+        total = round(total + len(part) / BYTES_PER_S, 3)
+    return total
 
 
 async def busy(server: ScriptedServer, ws: ServerConnection, start: dict[str, Any]) -> None:
@@ -588,6 +622,92 @@ def test_audio_sent_while_disconnected_is_bounded_then_delivered_in_order() -> N
             assert bytes(server.audio[0]) == audio(1, 0.5)
             assert bytes(server.audio[1]) == audio(2, 0.6) + audio(4, 0.3)
             assert stream.buffered_s == 0
+
+    run(scenario(), WAIT_S * 3)
+
+
+def test_audio_the_daemon_did_not_hear_is_resent_first_once_and_in_order() -> None:
+    """Frames written to a connection that died unheard go out again after the resume, cut
+    where `ready.audio_s` says, ahead of the audio held while disconnected and of `end`; twice,
+    so the stream's positions carry over from one resume to the next."""
+    frame = 1100  # 34.375 ms: where the daemon stops hearing is not on a whole millisecond
+    sent = random.Random(3).randbytes(frame * 60)
+    all_queued = asyncio.Event()
+
+    async def first(server: ScriptedServer, ws: ServerConnection, start: dict[str, Any]) -> None:
+        await server.ready(ws, "s1")
+        await server.receive_frames(ws, 5)
+        await server.miss_frame(ws)
+        server.drop(ws)
+
+    async def second(server: ScriptedServer, ws: ServerConnection, start: dict[str, Any]) -> None:
+        await all_queued.wait()  # the rest of the audio and `end` wait in the client
+        audio_s = heard_s(server.audio[0])
+        assert audio_s * BYTES_PER_S > len(server.audio[0])  # rounded up: floor would skip
+        await server.ready(ws, "s1", resumed=True, audio_s=audio_s)
+        await server.receive_frames(ws, 7)
+        await server.miss_frame(ws)
+        server.drop(ws)
+
+    async def third(server: ScriptedServer, ws: ServerConnection, start: dict[str, Any]) -> None:
+        await server.ready(ws, "s1", resumed=True, audio_s=heard_s(*server.audio[:2]))
+        await server.receive_until(ws, "end")
+        await server.send(ws, type="closed", seq=1, reason="end")
+        await ws.close()
+
+    async def scenario() -> None:
+        async with (
+            ScriptedServer(first, second, third) as server,
+            streamd_client.connect(server.url, reconnect=FAST) as stream,
+        ):
+            for i in range(0, len(sent), frame):
+                if i == 10 * frame:
+                    await until(lambda: not stream.connected)
+                await stream.send(sent[i : i + frame])
+            await stream.end()
+            all_queued.set()
+            assert [type(e) for e in await events_of(stream)] == [Ready, Closed]
+            assert stream.reconnects == 2
+            # every byte heard exactly once, in order, across the three connections
+            assert bytes(server.audio[0] + server.audio[1] + server.audio[2]) == sent
+            assert stream.resent_s >= 2 * frame / BYTES_PER_S  # at least the missed frames
+            assert stream.lost_s == 0.0 and stream.buffered_s == 0.0
+
+    run(scenario(), WAIT_S * 3)
+
+
+def test_unheard_audio_older_than_the_kept_history_is_counted_as_lost() -> None:
+    frame = 1100
+    sent = random.Random(4).randbytes(frame * 10)
+
+    async def first(server: ScriptedServer, ws: ServerConnection, start: dict[str, Any]) -> None:
+        await server.ready(ws, "s1")
+        await server.receive_frames(ws, 2)
+        for _ in range(8):
+            await server.miss_frame(ws)
+        server.drop(ws)
+
+    async def resumed(server: ScriptedServer, ws: ServerConnection, start: dict[str, Any]) -> None:
+        await server.ready(ws, "s1", resumed=True)
+        await server.receive_until(ws, "end")
+        await server.send(ws, type="closed", seq=1, reason="end")
+        await ws.close()
+
+    async def scenario() -> None:
+        async with (
+            ScriptedServer(first, resumed) as server,
+            streamd_client.connect(server.url, reconnect=FAST, max_buffer_s=0.1) as stream,
+        ):
+            for i in range(0, len(sent), frame):
+                await stream.send(sent[i : i + frame])
+            await stream.end()
+            assert [type(e) for e in await events_of(stream)] == [Ready, Closed]
+            # 0.1 s of history holds the last two whole frames: those are resent
+            assert bytes(server.audio[1]) == sent[-2 * frame :]
+            assert stream.resent_s == 2 * frame / BYTES_PER_S
+            # the six frames before them are gone; the stream knows where the daemon stopped
+            # only to the ms audio_s is rounded to
+            assert stream.lost_s == pytest.approx(6 * frame / BYTES_PER_S, abs=0.0005)
 
     run(scenario(), WAIT_S * 3)
 
@@ -842,9 +962,9 @@ def test_reconnect_and_resume_after_the_connection_is_killed(daemon: Daemon) -> 
             connection = stream.connection
             assert connection is not None and connection.transport is not None
             connection.transport.abort()  # no close frame: the server sees the client vanish
-            # audio written to a dead socket before the client notices is lost (protocol v1 has
-            # no audio acks), so the rest goes out once the drop is seen: buffered, then resent
-            await until(lambda: not stream.connected or stream.reconnects > 0)
+            # The rest goes out at once: its first frame is written to the dead socket (the
+            # client cannot have noticed yet), the resumed `ready.audio_s` says it was not
+            # heard, and it is sent again.
             await send_pcm(stream, pcm[cut:])
             await stream.end()
             events += await events_of(stream)
@@ -852,6 +972,11 @@ def test_reconnect_and_resume_after_the_connection_is_killed(daemon: Daemon) -> 
 
     events, session, stream = run(scenario())
     assert stream.reconnects == 1 and stream.session == session
+    assert stream.resent_s >= 0.5 and stream.lost_s == 0.0
+    # the daemon heard the file once: its session timeline is exactly the file's length
+    journal = (daemon.journal_dir / f"{session}.jsonl").read_text().splitlines()
+    closed = [r for r in map(json.loads, journal) if r["type"] == "closed"]
+    assert [r["audio_s"] for r in closed] == [JFK_PAUSE_S, round(len(pcm) / 32_000, 3)]
     assert not any(isinstance(e, Error) for e in events), events
     assert events[-1] == Closed(events[-1].seq, "end")
     text = transcript(events)

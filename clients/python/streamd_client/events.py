@@ -43,6 +43,11 @@ class Ready:
     model: str
     sample_rate: int
     resumed: bool = False  # True when a dropped session continues
+    # Seconds of the session's audio the daemon has heard (ms precision): where this
+    # connection's audio joins the session's timeline; 0 in a new session. The SDK resends
+    # what it sent after this point. None from daemons that predate the field: nothing is
+    # resent (an old daemon would hear it twice).
+    audio_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,7 @@ def parse_event(data: Any) -> Event:
                 model=f.text("model"),
                 sample_rate=f.integer("sample_rate"),
                 resumed=f.flag("resumed", False),
+                audio_s=f.number("audio_s") if "audio_s" in f.data else None,
             )
         case "speech_started":
             return SpeechStarted(f.integer("seq"), f.number("t"))
@@ -233,8 +239,8 @@ class _Fields:
             raise self._bad(name, value, "an integer")
         return value
 
-    def number(self, name: str) -> float:
-        value = self._get(name, _MISSING)
+    def number(self, name: str, default: Any = _MISSING) -> float:
+        value = self._get(name, default)
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise self._bad(name, value, "a number")
         return float(value)

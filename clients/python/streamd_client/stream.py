@@ -11,9 +11,12 @@ resumes its session: the daemon re-sends the finals this client missed, and fina
 delivered are not delivered again. Audio sent while disconnected waits in a bounded buffer and
 goes out, in order, after the reconnect.
 
-Protocol v1 has no audio acknowledgements, so audio already handed to the operating system
-when a connection dies (at most the socket buffers' worth, typically well under a second at
-real-time pace) cannot be known to have arrived and is not re-sent.
+Audio is not acknowledged frame by frame, so audio already handed to a connection that then
+died (in the socket buffers, the network, the daemon's receive buffer) may or may not have been
+heard. The stream keeps the audio it sent (the last `max_buffer_s`) with its position in the
+session; the resumed `ready` says how much the daemon heard (`audio_s`), and what it sent after
+that goes out again first, before the audio held while disconnected. `resent_s` counts it, and
+`lost_s` counts audio the daemon never heard that was older than what the stream still kept.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -130,7 +134,8 @@ def connect(
     reconnect: True for the default ReconnectPolicy, a policy of your own, or False to fail with
         ConnectionLostError when the connection drops.
     max_buffer_s: audio (seconds) held while disconnected; beyond it send() raises
-        BufferOverflowError rather than drop audio.
+        BufferOverflowError rather than drop audio. Also how much audio already sent is kept
+        to be sent again after a drop, if the daemon turns out not to have heard it.
     max_pending_events: events received but not yet iterated; when full, the stream stops
         reading the socket until you catch up (so read events while you send).
 
@@ -168,7 +173,9 @@ class Stream:
     """One transcription stream; build it with `connect()`.
 
     `session` and `last_seq` say where the stream stands (they are what a resume sends);
-    `reconnects` counts the connections re-established so far.
+    `reconnects` counts the connections re-established so far; `resent_s` is the audio
+    (seconds) sent again because the daemon had not heard it when a connection died, and
+    `lost_s` the audio it had not heard that was too old to resend (beyond `max_buffer_s`).
     """
 
     def __init__(
@@ -196,6 +203,15 @@ class Stream:
         # Items waiting for a connection: audio frames (bytes) and control messages (str).
         self._outbox: deque[bytes | str] = deque()
         self._outbox_audio_bytes = 0
+        # Audio handed to the current session's connections, newest last, at most
+        # max_buffer_s of it: (position of its first byte in the session, frame). Positions
+        # are bytes of the session's timeline; `_position` is where the next frame goes.
+        self._sent: deque[tuple[int, bytes]] = deque()
+        self._sent_bytes = 0
+        self._position = 0
+        # A reconnect's `ready`, for _flush to act on under the send lock (so that a send()
+        # still failing on the old connection cannot slip audio in between).
+        self._rejoined: Ready | None = None
         self._send_lock = asyncio.Lock()
         self._ws: ClientConnection | None = None  # where audio goes now; None while away
         self._conn: ClientConnection | None = None  # the newest connection, even mid-resume
@@ -208,6 +224,8 @@ class Stream:
         self._closing = False  # aclose() was called
         self._failure: BaseException | None = None
         self.reconnects = 0
+        self.resent_s = 0.0
+        self.lost_s = 0.0
 
     # -- state ------------------------------------------------------------------------------
 
@@ -322,12 +340,16 @@ class Stream:
             ws = self._ws
             if ws is not None and not self._outbox:
                 for i, item in enumerate(items):
+                    if isinstance(item, bytes):
+                        self._keep_sent(item)
                     try:
                         await ws.send(item)
                     except ConnectionClosed:
-                        # Not written; the supervisor sees the same closure and reconnects.
+                        # The supervisor sees the same closure and reconnects. Audio may or
+                        # may not have been written: it is kept, and the resumed `ready` says
+                        # whether to send it again. A control message waits for the next one.
                         self._ws = None
-                        items = items[i:]
+                        items = items[i + 1 :] if isinstance(item, bytes) else items[i:]
                         break
                 else:
                     return
@@ -347,16 +369,69 @@ class Stream:
     async def _flush(self, ws: ClientConnection) -> None:
         """Send what waited for this connection, then let audio flow to it directly."""
         async with self._send_lock:
+            if self._rejoined is not None:
+                self._rejoin(self._rejoined)
+                self._rejoined = None
             # The daemon may not have seen an `end` sent on the connection that died.
             if self._ending and _END_MESSAGE not in self._outbox:
                 self._outbox.append(_END_MESSAGE)
             while self._outbox:
-                item = self._outbox[0]
-                await ws.send(item)
-                self._outbox.popleft()
+                item = self._outbox.popleft()
                 if isinstance(item, bytes):
                     self._outbox_audio_bytes -= len(item)
+                    self._keep_sent(item)  # from now on a resume resends it if unheard
+                try:
+                    await ws.send(item)
+                except ConnectionClosed:
+                    if isinstance(item, str):
+                        self._outbox.appendleft(item)  # for the next connection
+                    raise
             self._ws = ws
+
+    def _keep_sent(self, frame: bytes) -> None:
+        """Record `frame`, about to go to the websocket, at the session's next position."""
+        self._sent.append((self._position, frame))
+        self._position += len(frame)
+        self._sent_bytes += len(frame)
+        while self._sent_bytes > self._max_buffer_bytes:
+            self._sent_bytes -= len(self._sent.popleft()[1])
+
+    def _rejoin(self, ready: Ready) -> None:
+        """After a reconnect, queue first what the daemon did not hear of the audio sent.
+
+        Positions then follow the daemon's timeline, which continues at `ready.audio_s`.
+        """
+        sent, self._sent, self._sent_bytes = self._sent, deque(), 0
+        sent_end = self._position
+        if ready.audio_s is None:  # a daemon that does not say what it heard: resend nothing
+            self._position = sent_end if ready.resumed else 0
+            return
+        at = ready.audio_s * self._bytes_per_s  # in bytes of the session
+        self._position = self._whole_samples(at)
+        if not ready.resumed:
+            return  # a new session: what the old one missed is not its audio
+        cut = self._position
+        # The daemon hears whole frames and rounds audio_s to the ms: when one of ours ended
+        # within that rounding, that is where it stopped, to the byte (floor may be off by
+        # up to half a ms either way).
+        edges = [start for start, _ in sent] + [sent_end]
+        nearest = min(edges, key=lambda edge: abs(edge - at))
+        if abs(nearest - at) <= self._bytes_per_s / 2000 + 1e-6:
+            cut = nearest
+        unheard = [
+            frame[max(0, cut - start) :] for start, frame in sent if start + len(frame) > cut
+        ]
+        oldest = sent[0][0] if sent else sent_end
+        self.lost_s += max(0, oldest - cut) / self._bytes_per_s
+        again = sum(map(len, unheard))
+        self.resent_s += again / self._bytes_per_s
+        self._outbox.extendleft(reversed(unheard))  # before the audio held while away
+        self._outbox_audio_bytes += again
+
+    def _whole_samples(self, at: float) -> int:
+        """`at` bytes, floored to a whole frame of samples."""
+        whole = math.floor(round(at, 6))  # round off float noise: 1.001 * 32000 = 32031.99...
+        return whole - whole % self._encoder.frame_bytes
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -453,6 +528,8 @@ class Stream:
             raise _refusal(exc, self.url) from exc
         except TimeoutError as exc:
             raise ConnectError(f"{self.url}: no ready within {self._open_timeout_s:g} s") from exc
+        if resuming:
+            self._rejoined = ready  # for _flush: resend what the daemon did not hear
         if resuming and ready.session == self._session:
             return  # same session: the daemon now re-sends the finals after last_seq
         # A new session (the first, or a fresh one because the old one was unknown): its seq

@@ -80,6 +80,14 @@ class SyncStream:
     def buffered_s(self) -> float:
         return self._stream.buffered_s
 
+    @property
+    def resent_s(self) -> float:
+        return self._stream.resent_s
+
+    @property
+    def lost_s(self) -> float:
+        return self._stream.lost_s
+
     # -- operations ---------------------------------------------------------------------------
 
     def send(self, pcm: Any) -> None:
