@@ -318,10 +318,21 @@ def recorded(driver: webdriver.Chrome) -> dict[str, Any]:
 
 def diagnostics(driver: webdriver.Chrome) -> str:
     console = "\n".join(str(entry.get("message")) for entry in driver.get_log("browser"))
+    client = driver.execute_script(CLIENT_STATE_JS)
     return (
         f"state={state(driver)!r} status={status(driver)!r}\nfinals={finals_text(driver)!r}\n"
-        f"recorded={recorded(driver)}\nbrowser console:\n{console}"
+        f"recorded={recorded(driver)}\nclient={client}\nbrowser console:\n{console}"
     )
+
+
+CLIENT_STATE_JS = """
+const c = window.streamdClient;
+if (!c) return null;
+return {state: c.state, ready: c.ready, session: c.session, lastSeq: c.lastSeq,
+        queued: c.queue.length, queuedBytes: c.queuedBytes, sentBytes: c.sentBytes,
+        kept: c.sent.length, resentMs: c.resentMs, droppedMs: c.droppedMs,
+        wsState: c.ws && c.ws.readyState, buffered: c.ws && c.ws.bufferedAmount};
+"""
 
 
 def wait_until(
@@ -329,11 +340,35 @@ def wait_until(
     condition: Callable[[webdriver.Chrome], Any],
     timeout_s: float,
     what: str,
+    daemon: Daemon | None = None,
 ) -> Any:
     try:
         return WebDriverWait(driver, timeout_s, poll_frequency=0.2).until(condition)
     except TimeoutException:
-        pytest.fail(f"no {what} within {timeout_s:.0f} s\n{diagnostics(driver)}")
+        extra = "" if daemon is None else daemon_state(daemon)
+        pytest.fail(f"no {what} within {timeout_s:.0f} s\n{diagnostics(driver)}{extra}")
+
+
+METRICS_SHOWN = (
+    "streamd_active",
+    "streamd_audio",
+    "streamd_sessions",
+    "streamd_scheduler",
+    "streamd_finals",
+    "streamd_errors",
+    "streamd_engine",
+    "streamd_decode_batch_size_count",
+)
+
+
+def daemon_state(daemon: Daemon) -> str:
+    """The daemon's side of a failure: its log's tail and its stream metrics."""
+    try:
+        metrics = [line for line in daemon.metrics().splitlines() if line.startswith(METRICS_SHOWN)]
+    except OSError as exc:
+        metrics = [f"/metrics failed: {exc}"]
+    tail = "".join(daemon.output[-40:])
+    return "\ndaemon metrics:\n" + "\n".join(metrics) + f"\ndaemon log (tail):\n{tail}"
 
 
 def final_seqs(driver: webdriver.Chrome) -> list[int]:
@@ -449,7 +484,11 @@ def test_reconnects_and_resumes_after_a_network_cut(
         assert state(browser) == "idle"
         browser.find_element(By.ID, "toggle").click()
         wait_until(
-            browser, lambda d: FIRST_WORDS in finals_text(d), CAPTIONS_TIMEOUT_S, "first final"
+            browser,
+            lambda d: FIRST_WORDS in finals_text(d),
+            CAPTIONS_TIMEOUT_S,
+            "first final",
+            daemon,
         )
         session = session_id(browser)
         proxy.stall()
@@ -460,11 +499,16 @@ def test_reconnects_and_resumes_after_a_network_cut(
             lambda d: "reconnecting" in recorded(d)["states"] and state(d) == "listening",
             STATE_TIMEOUT_S,
             "reconnected",
+            daemon,
         )
         assert session_id(browser) == session, "a new session instead of resuming"
         assert status(browser).startswith("Listening (reconnected)"), status(browser)
         wait_until(
-            browser, lambda d: LAST_WORDS in finals_text(d), CAPTIONS_TIMEOUT_S, "last words"
+            browser,
+            lambda d: LAST_WORDS in finals_text(d),
+            CAPTIONS_TIMEOUT_S,
+            "last words",
+            daemon,
         )
         browser.find_element(By.ID, "toggle").click()
         wait_until(browser, lambda d: state(d) == "closed", STATE_TIMEOUT_S, "closed after Stop")

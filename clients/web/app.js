@@ -62,6 +62,7 @@ async function start() {
     onEnded: () => stop("Stopped: the microphone was disconnected."),
   });
   const current = { client, mic, stopping: false };
+  window.streamdClient = client; // for automation and debugging (tests read its counters)
   run = current;
   stopNote = null;
   setView("connecting", "Opening the microphone…");

@@ -169,6 +169,12 @@ class StreamConnection:
             audio_s = self._time_offset_s + self._audio_s
             self._journal.close(seq, audio_s, self._next_segment(), self._reason())
             self._journal = None
+            log.info(
+                "session %s: closed (%s), %.3f s of audio heard",
+                self.session_id,
+                self._reason(),
+                audio_s,
+            )
 
     def _reason(self) -> str:
         return (
@@ -288,6 +294,13 @@ class StreamConnection:
         await self._send(ready)
         for final in resumed:
             await self._send(final)
+        log.info(
+            "session %s: %s, audio from %.3f s, %d final(s) re-sent",
+            self.session_id,
+            "resumed" if resumed_from else "started",
+            self._time_offset_s,
+            len(resumed),
+        )
 
     # -- receiving -------------------------------------------------------------------------------
 
