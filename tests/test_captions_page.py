@@ -330,7 +330,7 @@ const c = window.streamdClient;
 if (!c) return null;
 return {state: c.state, ready: c.ready, session: c.session, lastSeq: c.lastSeq,
         queued: c.queue.length, queuedBytes: c.queuedBytes, sentBytes: c.sentBytes,
-        kept: c.sent.length, resentMs: c.resentMs, droppedMs: c.droppedMs,
+        kept: c.sent.length, resentMs: c.resentMs, droppedMs: c.droppedMs, received: c.received,
         wsState: c.ws && c.ws.readyState, buffered: c.ws && c.ws.bufferedAmount};
 """
 
@@ -368,7 +368,14 @@ def daemon_state(daemon: Daemon) -> str:
     except OSError as exc:
         metrics = [f"/metrics failed: {exc}"]
     tail = "".join(daemon.output[-40:])
-    return "\ndaemon metrics:\n" + "\n".join(metrics) + f"\ndaemon log (tail):\n{tail}"
+    journals = "\n".join(
+        f"{path.name}: {path.read_text()}" for path in sorted(daemon.journal_dir.glob("*.jsonl"))
+    )
+    return (
+        "\ndaemon metrics:\n"
+        + "\n".join(metrics)
+        + f"\ndaemon log (tail):\n{tail}\njournals:\n{journals}"
+    )
 
 
 def final_seqs(driver: webdriver.Chrome) -> list[int]:

@@ -49,6 +49,7 @@ export class StreamClient {
     this.sent = [];
     this.sentBytes = 0;
     this.resentMs = 0;
+    this.received = {}; // messages by type on the current connection (for diagnostics)
     this.attempt = 0;
     this.retryTimer = null;
     this.stopTimer = null;
@@ -120,6 +121,7 @@ export class StreamClient {
     ws.binaryType = "arraybuffer";
     this.ws = ws;
     this.ready = false;
+    this.received = {};
     this.fatal = null;
     this.lastFatal = null;
     this.closedReason = null;
@@ -148,6 +150,7 @@ export class StreamClient {
     } catch {
       return;
     }
+    this.received[message.type] = (this.received[message.type] ?? 0) + 1;
     if (this.ready && Number.isInteger(message.seq)) {
       this.lastSeq = Math.max(this.lastSeq, message.seq);
     }
