@@ -265,6 +265,8 @@ class ScriptedEngine:
     no_speech: every result says "no speech" (no_speech_prob 0.9, avg_logprob -1.5).
     disagree: every other call spells the first word after the forced prefix differently, so
         consecutive steps never agree on anything.
+    stuck_on_forced: a window with forced words gets the last of them over and over instead of
+        what it heard (Whisper looping on its own context).
 
     Every request is checked: at most 30 s, ramp audio matching its pieces, and `forced` exactly
     the tokens of the first words the engine hears in the window (the session forces nothing
@@ -282,6 +284,7 @@ class ScriptedEngine:
         loop_copies: int = 0,
         no_speech: bool = False,
         disagree: bool = False,
+        stuck_on_forced: bool = False,
         check_ramp: bool = True,
         language: str = "en",
     ) -> None:
@@ -293,6 +296,7 @@ class ScriptedEngine:
         self.loop_copies = loop_copies
         self.no_speech = no_speech
         self.disagree = disagree
+        self.stuck_on_forced = stuck_on_forced
         self.check_ramp = check_ramp
         self.language = language
         self.requests: list[WindowRequest] = []
@@ -328,6 +332,15 @@ class ScriptedEngine:
                 f"first words heard: {[h.word for h in self._hypotheses(spans)[0]]}"
             )
         words = list(hypothesis[k:])
+        if self.stuck_on_forced and k:
+            last = hypothesis[k - 1]
+            step = max(window_end_s - last.end, 0.6) / 6
+            words = [
+                self._hyp(
+                    last.word, round(last.end + i * step, 6), round(last.end + (i + 1) * step, 6)
+                )
+                for i in range(6)
+            ]
         if self.disagree and len(self.requests) % 2 == 0 and words:
             first = words[0]
             alt = alternate_spelling(first.word)

@@ -503,6 +503,25 @@ def test_a_loop_before_anything_is_committed_keeps_one_copy() -> None:
     )
 
 
+def test_a_decoder_stuck_on_its_context_is_given_the_audio_without_it() -> None:
+    """Whisper, once a committed word is forced at the window's start, can write it forever
+    (seen on a resumed stream: " Lock!" committed, then " Lock! Lock! Lock!..." for every later
+    window). The guard cuts the loop, and the session decodes the audio again without that
+    context (window trimmed after the committed words, no prompt): every word still comes out
+    once, in both utterances, whether the loop hits a partial step or a final. Without the
+    reset the window keeps its forced words and everything after the first commit is lost."""
+    names = distinct_words(14)
+    first = spoken(names[:7], start_s=0.3)
+    second = spoken(names[7:], start_s=first[-1].end_s + 2.0)
+    regions = [(0.0, first[-1].end_s + 0.5), (second[0].start_s - 0.3, second[-1].end_s + 0.5)]
+    engine = ScriptedEngine([*first, *second], stuck_on_forced=True)
+    session, events = replay(engine, regions, total_s=regions[-1][1] + 1.0)
+    assert session.stats.guards.dropped_words["repetition"] > 0
+    assert session.stats.context_resets >= 2
+    assert final_words(events) == true_words([*first, *second])
+    assert_finals_well_formed(events)
+
+
 def test_no_speech_results_commit_nothing() -> None:
     engine = ScriptedEngine(EIGHT, no_speech=True)
     session, events = replay(engine, [EIGHT_REGION], total_s=6.0)

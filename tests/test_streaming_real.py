@@ -159,3 +159,21 @@ def test_encoder_context_buckets(tiny: WindowDecoder) -> None:
     assert set(encoded) <= {1000, 2000, 3000} and 1000 in encoded
     with pytest.raises(ConfigError):
         WindowDecoder(tiny.model, tiny.engine, buckets_s=(10, 20))
+
+
+def test_a_stream_joined_mid_word_recovers_from_a_looping_context(tiny: WindowDecoder) -> None:
+    """What a resumed websocket session hears: JFK's clip from 3.48 s in, mid-"not". tiny.en
+    commits " Lock!" for that syllable, and once it is forced at the window's start, every
+    later window decodes as " Lock! Lock! Lock!..." (the guard drops it all). The session must
+    drop that context and go on: the rest of the clip is transcribed."""
+    from tests import synth
+
+    clip = synth.clip("en/jfk.flac")
+    audio = np.concatenate([clip[int(3.48 * 16_000) :], synth.silence(3.0)])
+    session = Session(language="en")
+    emitted = replay_virtual(session, audio, tiny.decode)
+    text = " ".join(e.event.text for e in emitted if isinstance(e.event, Final))
+    words = "".join(c for c in text.lower() if c.isalpha() or c == " ").split()
+    assert "what your country can do for you" in " ".join(words), text
+    assert "ask what you can do for your country" in " ".join(words), text
+    assert session.stats.context_resets >= 1  # the loop did happen, and was dealt with

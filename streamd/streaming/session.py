@@ -66,6 +66,7 @@ class SessionStats:
     accepted_tokens: int = 0
     forced_commits: int = 0
     trims: int = 0
+    context_resets: int = 0  # the decoder looped on its context; it was dropped
     guards: GuardStats = field(default_factory=GuardStats)
 
 
@@ -286,6 +287,7 @@ class Session:
         w = self._window
         window_end_s = request.to_stream_s(len(request.audio) / SAMPLE_RATE)
         start_s = w.committed[-1].end if w.committed else request.to_stream_s(0.0)
+        loops_before = self.stats.guards.dropped_words["repetition"]
         words = apply_guards(
             result,
             max(window_end_s - start_s, 0.0),
@@ -294,6 +296,7 @@ class Session:
             forced=w.committed,
             window_end_s=window_end_s,
         )
+        looped = self.stats.guards.dropped_words["repetition"] > loops_before
         recent = w.committed or list(self._recent)
         if recent and words and words[0].start < recent[-1].end + OVERLAP_WINDOW_S:
             words = strip_overlap(recent, words)
@@ -301,6 +304,14 @@ class Session:
         final = request.final or (
             bool(w.finals) and len(request.audio) >= self._heard_all(w.finals[0])
         )
+        if looped and (w.committed or self._prompt):
+            # Its context made the decoder loop: decode the same audio again without it (a
+            # final is retried; a partial step's words come from the next step).
+            self._forget_context()
+            w.tentative = []
+            self._last_result = None
+            self._set_partial(None)
+            return
         if final:
             self._finish_utterance(words, result)
             return
@@ -317,6 +328,20 @@ class Session:
         self._last_result = result
         self._maybe_trim(window_s)
         self._set_partial(w.tentative)
+
+    def _forget_context(self) -> None:
+        """The decoder looped: once a phrase is in its context (forced at the window's start, or
+        in the prompt), Whisper can repeat it forever ("Lock! Lock! Lock!..."), and the guard
+        would then drop every later step of the stream. The window now starts after the
+        committed words, with no `<|startofprev|>` prompt (openai-whisper's transcribe drops
+        its prompt after a failed window for the same reason); the committed words are final
+        already, only their context is lost. The vocabulary prompt stays."""
+        w = self._window
+        if w.committed:
+            w.trim_to(w.committed_until())
+            self._retire_committed()
+        self._prompt.clear()
+        self.stats.context_resets += 1
 
     def _heard_all(self, until: int) -> int:
         """Window sample from which a step has heard the whole utterance that ends at `until`
