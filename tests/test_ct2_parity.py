@@ -35,6 +35,7 @@ pytestmark = pytest.mark.slow
 
 AUDIO_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 TOLERANCE = 1e-3
+ENCODER_RTOL = 1e-4  # of the largest feature magnitude
 # openai-whisper's default `sample_len` (n_text_ctx // 2); CTranslate2's max_length counts
 # generated tokens only, like sample_len.
 MAX_NEW_TOKENS = 224
@@ -142,8 +143,13 @@ def test_encoder_output_matches_ctranslate2(parity: Parity) -> None:
         ours = parity.loaded.model.embed_audio(parity.mel[None]).numpy()
     assert ours.shape == parity.ct2_encoded.shape
     diff = float(np.abs(ours - parity.ct2_encoded).max())
-    print(f"\n[{parity.case.model}] encoder max abs diff vs CTranslate2: {diff:.3e}")
-    assert diff < TOLERANCE
+    scale = float(np.abs(parity.ct2_encoded).max())
+    print(
+        f"\n[{parity.case.model}] encoder max abs diff vs CTranslate2: {diff:.3e} (of {scale:.1f})"
+    )
+    # Relative: the features reach tens, and float32 summation order differs between CPUs
+    # (AMD EPYC/AVX2 gave 6e-4 for base, an Intel Xeon 1.2e-3: both ~1e-5 of the range).
+    assert diff < ENCODER_RTOL * scale
 
 
 def test_greedy_log_probs_match_ctranslate2(parity: Parity) -> None:

@@ -156,6 +156,11 @@ class StreamConnection:
             return
         self._end_stream()
 
+    def _release_slot(self) -> None:
+        """A client that has heard `closed` may connect again at once: free its place under
+        max_sessions now, not after the closing handshake (which takes a round trip or more)."""
+        self.s.connections.discard(self)
+
     def _finish(self) -> None:
         self._close_journal(self._seq)
         if self.session is not None:
@@ -217,6 +222,8 @@ class StreamConnection:
                     return message
                 case End():
                     await self._send({"type": "closed", "seq": self._next_seq(), "reason": "end"})
+                    await self._flush_outbox()
+                    self._release_slot()
                     await self.ws.close()
                     return None
                 case Finalize():
@@ -555,6 +562,7 @@ class StreamConnection:
         self._close_journal(seq)  # on disk before the client hears `closed` (resume reads it)
         await self._send({"type": "closed", "seq": seq, "reason": reason})
         await self._flush_outbox()
+        self._release_slot()
         code = CloseCode.GOING_AWAY if reason == "shutdown" else CloseCode.NORMAL_CLOSURE
         await self.ws.close(code, reason)
 
