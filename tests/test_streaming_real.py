@@ -177,3 +177,20 @@ def test_a_stream_joined_mid_word_recovers_from_a_looping_context(tiny: WindowDe
     assert "what your country can do for you" in " ".join(words), text
     assert "ask what you can do for your country" in " ".join(words), text
     assert session.stats.context_resets >= 1  # the loop did happen, and was dealt with
+
+
+def test_japanese_talker_repeating_a_phrase_loses_nothing_after_it() -> None:
+    """ja_1 says "...聞こえてんの ちゃんと聞こえてるの...": the second "聞こえてんの" repeats
+    committed words verbatim. The echo guard once took it for Whisper re-reading its context and
+    dropped it and, step after step, every later word of the stream (CER 0.79 on this stream)."""
+    from streamd.evaluation.streams import evaluation_stream
+    from streamd.streaming.config import SessionConfig
+    from streamd.vad import VadConfig
+
+    stream = evaluation_stream("ja", seed=2)
+    decoder = WindowDecoder(load_model("base"))
+    session = Session(SessionConfig(vad=VadConfig(hangover_ms=900)), language="ja")
+    emitted = replay_virtual(session, stream.audio, decoder.decode)
+    text = "".join(e.event.text for e in emitted if isinstance(e.event, Final))
+    assert "マイ" in text and "テスト" in text and "かどうか" in text, text
+    assert error_rate([stream.reference_text], [text], "ja") < 0.35, text

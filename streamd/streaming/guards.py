@@ -47,6 +47,7 @@ class GuardConfig:
     repeat_ngram_max: int = 4  # look for word n-grams up to this long...
     repeat_times: int = 3  # ...repeated this many times in a row
     echo_words: int = 3  # the window's first forced words written again: it started over
+    echo_chars: int = 12  # or more than echo_words of them, verbatim, this many characters long
     doubtful_probability: float = 0.3  # mean word probability; with avg_logprob < logprob
     edge_s: float = 0.15  # a word starting this close to the end of the audio...
     min_word_s: float = 0.03  # ...and shorter than this was not heard
@@ -90,7 +91,9 @@ def _is_known_phrase(words: list[HypWord]) -> bool:
     return squashed in _PHRASE_KEYS
 
 
-def _echo_start(words: list[HypWord], forced: list[HypWord], min_words: int) -> int | None:
+def _echo_start(
+    words: list[HypWord], forced: list[HypWord], min_words: int, min_chars: int
+) -> int | None:
     """Index where `words` start the window over: its first `min_words` forced words again.
 
     With committed words forced at the start of the window, Whisper sometimes "starts over" and
@@ -101,15 +104,27 @@ def _echo_start(words: list[HypWord], forced: list[HypWord], min_words: int) -> 
     done = [word_key(w.word) for w in forced]
     new = [word_key(w.word) for w in words]
     head = done[:min_words]
-    # a longer verbatim run of earlier words, anywhere, is a re-reading too (rare in speech)
-    long = min_words + 1
-    grams = {tuple(done[i : i + long]) for i in range(len(done) - long + 1)}
     for i in range(len(new)):
         if len(head) == min_words and any(head) and new[i : i + min_words] == head:
             return i
-        if tuple(new[i : i + long]) in grams and any(new[i : i + long]):
+        if _longest_run(new, i, done, min_chars) > min_words:
             return i
     return None
+
+
+def _longest_run(new: list[str], i: int, done: list[str], min_chars: int) -> int:
+    """Words in the longest run of `done`, verbatim, that `new` has from index `i`, counting
+    only runs of at least `min_chars` characters: a longer verbatim run of earlier words,
+    anywhere, is a re-reading too, but a few Japanese words are a few characters, and a talker
+    says "ちゃんと聞こえてんの" twice in a row (seen: the guard then dropped every later word)."""
+    best = 0
+    for j in range(len(done)):
+        k = 0
+        while i + k < len(new) and j + k < len(done) and new[i + k] == done[j + k]:
+            k += 1
+        if k > best and any(new[i : i + k]) and len("".join(new[i : i + k])) >= min_chars:
+            best = k
+    return best
 
 
 def apply_guards(
@@ -145,7 +160,7 @@ def apply_guards(
         # what the model wrote it does not believe itself: a breath, noise, a stray syllable
         stats.count("low_confidence", len(words))
         return []
-    echo = _echo_start(words, forced or [], config.echo_words)
+    echo = _echo_start(words, forced or [], config.echo_words, config.echo_chars)
     if echo is not None:
         stats.count("echo", len(words) - echo)
         words = words[:echo]
