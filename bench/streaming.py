@@ -64,6 +64,7 @@ class Report:
     latency_median_s: float
     latency_p90_s: float
     latency_max_s: float
+    vad_wait_median_s: float
     first_partial_median_s: float
     gap_words: int
     gap_word_list: list[str]
@@ -123,7 +124,8 @@ def run(language: str, virtual: bool, seed: int, buckets_s: tuple[int, ...] = (3
     else:
         emitted = asyncio.run(replay_realtime(session, audio, decoder.decode))
     wall = time.perf_counter() - start
-    error, latencies, first_partials, gap_words = _score(language, emitted, utterances, gaps)
+    score = score_events(language, emitted, utterances, gaps)
+    latencies, first_partials = score.latencies_s, score.first_partials_s
     audio_s = len(audio) / 16000
     baseline = Session(language=language)
     replay_virtual(baseline, audio, _NoDraft(decoder))
@@ -134,14 +136,15 @@ def run(language: str, virtual: bool, seed: int, buckets_s: tuple[int, ...] = (3
         encoder_buckets_s=buckets_s,
         audio_s=round(audio_s, 2),
         utterances=len(utterances),
-        error_streaming=round(error, 4),
+        error_streaming=round(score.error, 4),
         error_offline=round(offline_error, 4),
         latency_median_s=round(median(latencies), 3),
         latency_p90_s=round(percentile(latencies, 90), 3),
         latency_max_s=round(max(latencies, default=float("nan")), 3),
+        vad_wait_median_s=round(median(score.vad_waits_s), 3),
         first_partial_median_s=round(median(first_partials), 3),
-        gap_words=len(gap_words),
-        gap_word_list=gap_words,
+        gap_words=len(score.gap_words),
+        gap_word_list=score.gap_words,
         passes_per_audio_s=round(session.stats.forward_passes / audio_s, 2),
         passes_per_audio_s_no_draft=round(baseline.stats.forward_passes / audio_s, 2),
         requests=session.stats.requests,

@@ -36,7 +36,7 @@ from streamd.evaluation.streams import (
     manifest,
     write_stream,
 )
-from streamd.streaming.events import Final, Partial
+from streamd.streaming.events import Final, Partial, SpeechEnded
 from streamd.streaming.replay import Emitted
 
 PCM_STEP = 1 / 32767  # one 16-bit step: the WAV's quantization
@@ -115,7 +115,7 @@ def test_streams_are_deterministic_for_a_seed(tmp_path: Path) -> None:
 def test_scoring_latency_first_partial_and_gap_words() -> None:
     stream = evaluation_stream("en", seed=0, clips=2)
     emitted: list[Emitted] = []
-    expected_latency, expected_first = [], []
+    expected_latency, expected_first, expected_wait = [], [], []
     for index, u in enumerate(stream.utterances):
         first, last = voiced_bounds(u.file)
         partial_at = u.start_s + first + 0.4
@@ -127,6 +127,10 @@ def test_scoring_latency_first_partial_and_gap_words() -> None:
         )
         text = " " + u.text
         emitted.append(Emitted(Final(index, u.start_s, u.end_s, text, words, "en", 0, 0), final_at))
+        if index != 1:  # the VAD's end of the second utterance never came (a cut stream)
+            ended_at_s = u.start_s + last + 0.6 - 0.01 * index
+            emitted.append(Emitted(SpeechEnded(ended_at_s), ended_at_s))
+            expected_wait.append(0.6 - 0.01 * index)
         expected_latency.append(0.7 + index)
         expected_first.append(0.4)
     gap = stream.gaps[1]
@@ -141,6 +145,7 @@ def test_scoring_latency_first_partial_and_gap_words() -> None:
     emitted.append(Emitted(Final(9, middle, middle, " thank you", ghost, "en", 0, 0), 99.0))
     score = score_events("en", emitted, stream.utterances, stream.gaps)
     assert score.latencies_s == pytest.approx(expected_latency)
+    assert score.vad_waits_s == pytest.approx(expected_wait)
     assert score.first_partials_s == pytest.approx(expected_first)
     assert score.gap_words == [" thank"]
     ref_words = len(normalize(stream.reference_text, "en").split())
@@ -153,10 +158,12 @@ def test_protocol_messages_become_scored_events() -> None:
     final |= {"words": [word], "language": "en", "avg_logprob": -0.1, "no_speech_prob": 0.0}
     partial = {"type": "partial", "segment": 0, "start": 1.0, "end": 1.1, "text": " h"}
     ready = {"type": "ready", "session": "s"}
-    events = protocol_events([(ready, 0.1), (partial, 1.5), (final, 2.0)])
-    assert [type(e.event) for e in events] == [Partial, Final]
-    assert events[1].emitted_at == 2.0
-    assert events[1].event == Final(
+    ended = {"type": "speech_ended", "seq": 4, "t": 1.9}
+    events = protocol_events([(ready, 0.1), (partial, 1.5), (ended, 1.9), (final, 2.0)])
+    assert [type(e.event) for e in events] == [Partial, SpeechEnded, Final]
+    assert events[1].event == SpeechEnded(1.9)
+    assert events[2].emitted_at == 2.0
+    assert events[2].event == Final(
         0, 1.0, 1.2, " hi", (Word(" hi", 1.0, 1.2, 0.9),), "en", -0.1, 0.0
     )
 
@@ -177,6 +184,7 @@ def _run(clients: int, median_s: float, p90_s: float) -> RunReport:
         latency_median_s=median_s,
         latency_p90_s=p90_s,
         latency_max_s=p90_s + 0.3,
+        vad_wait_median_s=0.7,
         first_partial_median_s=1.1,
         gap_words=0,
         gap_word_list=[],

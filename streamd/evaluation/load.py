@@ -24,7 +24,7 @@ from streamd.errors import StreamdError
 from streamd.evaluation.daemon import Daemon, scrape_metric
 from streamd.evaluation.scoring import error_rate, finals_text, median, percentile, score_events
 from streamd.evaluation.streams import EvaluationStream
-from streamd.streaming.events import Final, Partial
+from streamd.streaming.events import Final, Partial, SpeechEnded
 from streamd.streaming.replay import Emitted
 
 FRAME_S = 0.02  # audio per websocket frame: what a browser's capture sends
@@ -53,6 +53,7 @@ class RunReport:
     latency_median_s: float
     latency_p90_s: float
     latency_max_s: float
+    vad_wait_median_s: float  # of the latency: hearing the pause that ends an utterance
     first_partial_median_s: float
     gap_words: int
     gap_word_list: list[str]
@@ -68,14 +69,15 @@ class RunReport:
 
 
 def protocol_events(messages: Sequence[Message]) -> list[Emitted]:
-    """Protocol v1 `partial` / `final` messages -> the session events the scoring reads."""
+    """Protocol v1 `partial` / `final` / `speech_ended` messages -> the session events the
+    scoring reads."""
     out: list[Emitted] = []
     for m, at in messages:
         if m["type"] == "final":
             words = tuple(
                 Word(w["word"], w["start"], w["end"], w["probability"]) for w in m["words"]
             )
-            event: Final | Partial = Final(
+            event: Final | Partial | SpeechEnded = Final(
                 m["segment"],
                 m["start"],
                 m["end"],
@@ -87,6 +89,8 @@ def protocol_events(messages: Sequence[Message]) -> list[Emitted]:
             )
         elif m["type"] == "partial":
             event = Partial(m["segment"], m["start"], m["end"], m["text"])
+        elif m["type"] == "speech_ended":
+            event = SpeechEnded(m["t"])
         else:
             continue
         out.append(Emitted(event, at))
@@ -160,6 +164,7 @@ def run_clients(
             }
             (dump_dir / f"n{n}-client{i}.json").write_text(json.dumps(record, ensure_ascii=False))
     latencies: list[float] = []
+    vad_waits: list[float] = []
     firsts: list[float] = []
     gap_words: list[str] = []
     hyps: list[str] = []
@@ -167,6 +172,7 @@ def run_clients(
         emitted = protocol_events(messages)
         score = score_events(language, emitted, stream.utterances, stream.gaps, audio_dir)
         latencies += score.latencies_s
+        vad_waits += score.vad_waits_s
         firsts += score.first_partials_s
         gap_words += score.gap_words
         hyps.append(finals_text(emitted))
@@ -187,6 +193,7 @@ def run_clients(
         latency_median_s=round(median(latencies), 3),
         latency_p90_s=round(p90, 3),
         latency_max_s=round(max(latencies, default=float("nan")), 3),
+        vad_wait_median_s=round(median(vad_waits), 3),
         first_partial_median_s=round(median(firsts), 3),
         gap_words=len(gap_words),
         gap_word_list=gap_words,

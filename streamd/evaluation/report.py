@@ -79,6 +79,7 @@ _RUN_COLUMNS = (
     ("lat med", "{latency_median_s:.2f}"),
     ("p90", "{latency_p90_s:.2f}"),
     ("max", "{latency_max_s:.2f}"),
+    ("VAD wait", "{vad_wait_median_s:.2f}"),
     ("1st part", "{first_partial_median_s:.2f}"),
     ("gap w", "{gap_words}"),
     ("pass/s", "{passes_per_audio_s:.2f}"),

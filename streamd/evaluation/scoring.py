@@ -4,6 +4,9 @@
 - finalization latency per utterance: arrival of the latest final holding one of its words
   minus the end of its voiced audio (the clip's last 10 ms frame within SPEECH_FLOOR_DB of
   its peak);
+- its VAD wait: where the VAD ended the speech (`speech_ended.t`) minus the same end of voice,
+  the part of the latency spent hearing enough non-speech to call the utterance over (in audio
+  time, so the same in every replay mode); the rest is decoding and queueing;
 - first-partial latency: the first partial or final of the utterance minus its first voiced
   frame;
 - gap words: final words whose middle lies inside a gap, GAP_MARGIN_S from its edges.
@@ -25,12 +28,13 @@ import numpy as np
 
 from streamd.errors import ConfigError
 from streamd.evaluation.streams import Gap, Utterance, clip
-from streamd.streaming.events import Final, Partial
+from streamd.streaming.events import Final, Partial, SpeechEnded
 from streamd.streaming.replay import Emitted
 
 SPEECH_FLOOR_DB = 30.0  # a 10 ms frame within this of the clip's loudest is speech
 GAP_MARGIN_S = 0.2  # a word this far inside a gap is hallucinated (times are approximate)
 UTTERANCE_MARGIN_S = 0.3  # output this close to an utterance belongs to it
+VOICE_END_SLACK_S = 0.05  # a speech end this close before the end of voice still ends it
 BENCH_EXTRA_HINT = "pip install 'streamd[bench]'"
 
 
@@ -40,6 +44,7 @@ class StreamScore:
 
     error: float
     latencies_s: list[float]  # one per utterance that got a final
+    vad_waits_s: list[float]  # one per utterance that got a final and a speech_ended after it
     first_partials_s: list[float]  # one per utterance that got any text
     gap_words: list[str]
 
@@ -103,13 +108,18 @@ def score_events(
     finals = [(e.event, e.emitted_at) for e in emitted if isinstance(e.event, Final)]
     words = [(w, at) for final, at in finals for w in final.words]
     error = error_rate([" ".join(u.text for u in utterances)], [finals_text(emitted)], language)
-    latencies, first_partials = [], []
+    ends = [e.event.t for e in emitted if isinstance(e.event, SpeechEnded)]
+    latencies, vad_waits, first_partials = [], [], []
     for u in utterances:
         first, last = voiced_bounds(u.file, audio_dir)
         lo, hi = u.start_s - UTTERANCE_MARGIN_S, u.end_s + UTTERANCE_MARGIN_S
         mine = [at for w, at in words if lo <= w.start < hi]
         if mine:
-            latencies.append(max(mine) - (u.start_s + last))
+            voice_end = u.start_s + last
+            latencies.append(max(mine) - voice_end)
+            ended = [t for t in ends if t >= voice_end - VOICE_END_SLACK_S]
+            if ended:
+                vad_waits.append(min(ended) - voice_end)
         starts = [
             e.emitted_at
             for e in emitted
@@ -123,7 +133,7 @@ def score_events(
         for g in gaps
         if g.start_s + GAP_MARGIN_S < (w.start + w.end) / 2 < g.end_s - GAP_MARGIN_S
     ]
-    return StreamScore(error, latencies, first_partials, gap_words)
+    return StreamScore(error, latencies, vad_waits, first_partials, gap_words)
 
 
 @cache
