@@ -267,6 +267,9 @@ class ScriptedEngine:
         consecutive steps never agree on anything.
     stuck_on_forced: a window with forced words gets the last of them over and over instead of
         what it heard (Whisper looping on its own context).
+    early_at_join_s: the first word heard in each run of audio after the first is timed in the
+        last this-many seconds of the run before it (the alignment misplacing a word across a
+        join between two pieces of speech).
 
     Every request is checked: at most 30 s, ramp audio matching its pieces, and `forced` exactly
     the tokens of the first words the engine hears in the window (the session forces nothing
@@ -287,6 +290,7 @@ class ScriptedEngine:
         stuck_on_forced: bool = False,
         check_ramp: bool = True,
         language: str = "en",
+        early_at_join_s: float = 0.0,
     ) -> None:
         self.words = list(words)
         self.partial = partial
@@ -299,6 +303,7 @@ class ScriptedEngine:
         self.stuck_on_forced = stuck_on_forced
         self.check_ramp = check_ramp
         self.language = language
+        self.early_at_join_s = early_at_join_s
         self.requests: list[WindowRequest] = []
         self.results: list[WindowResult] = []
 
@@ -378,9 +383,14 @@ class ScriptedEngine:
         any), then without it."""
         heard: list[HypWord] = []
         front: list[int] = []  # indices in `heard` of front-cut words (optional)
-        for s in spans:
+        for i, s in enumerate(spans):
+            first_in_span = len(heard)
             for w in self.words:
                 if s.stream <= w.start and w.end <= s.stream_end:
+                    if i and self.early_at_join_s and len(heard) == first_in_span:
+                        join_s = spans[i - 1].stream_end / SAMPLE_RATE
+                        heard.append(self._hyp(w.word, join_s - self.early_at_join_s, join_s))
+                        continue
                     heard.append(self._hyp(w.word, w.start_s, w.end_s - self.end_bias_s))
                 elif s.stream <= w.start < s.stream_end < w.end:
                     if self.partial == "unstable":

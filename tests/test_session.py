@@ -847,3 +847,20 @@ def test_scripted_vad_passes_each_speech_sample_once_whatever_the_chunks() -> No
         VadEnded(67_200, 67_200),
     ]
     assert np.array_equal(passed, audio[audio != GAP_VALUE])
+
+
+def test_a_word_timed_across_a_join_lands_in_its_own_utterance() -> None:
+    """The alignment can put the first word after a join (the gap is cut out of the window) at
+    the end of the previous piece: a word inside an utterance that is already final. It is
+    moved to its own piece, after the gap."""
+    first = spoken(distinct_words(4), start_s=0.3)  # 0.3-2.2 s
+    second = spoken(distinct_words(4, first=4), start_s=5.3)  # 5.3-7.2 s
+    regions = [(0.0, 2.8), (5.0, 7.8)]
+    engine = ScriptedEngine([*first, *second], early_at_join_s=0.2)
+    session, events = replay(engine, regions, total_s=9.0)
+    assert word_list(events) == [w.word for w in (*first, *second)]
+    assert_finals_well_formed(events)
+    late = [(w, a, b) for w, a, b in final_words(events) if w in {t.word for t in second}]
+    assert all(a >= 5.0 for _, a, _ in late), late  # none before its own piece
+    assert late[1:] == true_words(second[1:])
+    assert session.stats.retimed_words >= 1

@@ -20,7 +20,7 @@ noise and murmur never reach the engine.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -67,6 +67,7 @@ class SessionStats:
     forced_commits: int = 0
     trims: int = 0
     context_resets: int = 0  # the decoder looped on its context; it was dropped
+    retimed_words: int = 0  # words the alignment put in an utterance already finalized
     guards: GuardStats = field(default_factory=GuardStats)
 
 
@@ -83,6 +84,7 @@ class _Window:
     finals: list[int] = field(default_factory=list)  # utterances ended here (window samples)
     # per pending final: the stream time after which the VAD heard no foreground speech
     speech_until_s: list[float] = field(default_factory=list)
+    finished_until_s: float = 0.0  # stream time where the last finalized utterance ends
 
     def start_piece(self, stream_sample: int) -> None:
         self.pieces.append((len(self.audio), stream_sample))
@@ -98,6 +100,15 @@ class _Window:
 
     def _piece_end(self, i: int) -> int:
         return self.pieces[i + 1][0] if i + 1 < len(self.pieces) else len(self.audio)
+
+    def stream_s(self, sample: int) -> float:
+        """Stream time of window sample `sample` (a piece's end, not the next one's start)."""
+        offset, stream = self.pieces[0]
+        for piece in self.pieces:
+            if piece[0] >= sample:
+                break
+            offset, stream = piece
+        return (stream + sample - offset) / SAMPLE_RATE
 
     def stream_end(self) -> int:
         offset, stream = self.pieces[-1]
@@ -239,6 +250,7 @@ class Session:
             too_short = w.new_speech(until) < self.config.min_window_ms * SAMPLE_RATE // 1000
             if too_short and not w.tentative:
                 # nothing new since the last commit, or a blip too short to hold a word
+                w.finished_until_s = max(w.finished_until_s, w.stream_s(w.finals[0]))
                 w.finals.pop(0)
                 w.speech_until_s.pop(0)
                 self._set_partial(None)
@@ -300,6 +312,7 @@ class Session:
         recent = w.committed or list(self._recent)
         if recent and words and words[0].start < recent[-1].end + OVERLAP_WINDOW_S:
             words = strip_overlap(recent, words)
+        words = self._after_finished(words)  # after the overlap: a repeat is dropped, not moved
         # a step that reached the end of an utterance that has since ended is its final
         final = request.final or (
             bool(w.finals) and len(request.audio) >= self._heard_all(w.finals[0])
@@ -343,6 +356,28 @@ class Session:
         self._prompt.clear()
         self.stats.context_resets += 1
 
+    def _after_finished(self, words: list[HypWord]) -> list[HypWord]:
+        """New words are never in an utterance that is already final: all of its words were
+        committed. The alignment can still put the first word after a join (the gap between
+        utterances is cut out of the window) at the end of the previous piece, which is an
+        earlier utterance's hangover (" Nor" timed 3.7 s early, then scored as a word inside a
+        gap). Such words move to the start of the next piece, in order."""
+        w = self._window
+        until = w.finished_until_s
+        if not words or words[0].start >= until:
+            return words
+        cursor = next((s / SAMPLE_RATE for _, s in w.pieces if s / SAMPLE_RATE >= until), until)
+        out = []
+        for h in words:
+            if h.start < until:
+                moved = replace(h, start=cursor, end=cursor + (h.end - h.start))
+                cursor = moved.end
+                self.stats.retimed_words += 1
+                out.append(moved)
+            else:
+                out.append(h)
+        return out
+
     def _heard_all(self, until: int) -> int:
         """Window sample from which a step has heard the whole utterance that ends at `until`
         (the first pending final point): its end, or a margin past its last speech."""
@@ -354,6 +389,7 @@ class Session:
         w = self._window
         end = w.finals.pop(0)
         speech_until = w.speech_until_s.pop(0)
+        w.finished_until_s = max(w.finished_until_s, w.stream_s(end))
         # Words that begin well after the last foreground speech are in the hangover: the VAD
         # kept that audio so word tails are not clipped, but what starts there is murmur.
         kept = [h for h in words if h.start < speech_until + HANGOVER_WORD_MARGIN_S]
