@@ -188,9 +188,10 @@ def score_peer(
     utterances: list[Utterance],
     gaps: list[Gap],
 ) -> tuple[float, list[float], list[float], list[str]]:
-    """(error, finalization latencies, first-partial latencies, gap words), as `_score`.
+    """(error, finalization latencies, first-partial latencies, gap words), as
+    `streamd.evaluation.scoring.score_events` gives for streamd.
 
-    Peers give segment times, not word times, so this differs from bench.streaming's `_score`:
+    Peers give segment times, not word times, so this differs from `score_events`:
     - a segment belongs to the utterance whose window (±0.3 s, as ours) it overlaps most; ours
       gives each final word to the utterance its start time falls in;
     - finalization latency: arrival of the committed segment holding the utterance's last word

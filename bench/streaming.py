@@ -28,9 +28,9 @@ from streamd.evaluation.scoring import (
     score_events,
     voiced_bounds,
 )
-from streamd.evaluation.streams import STREAM_GAP_ORDER, Gap, Utterance, evaluation_stream
+from streamd.evaluation.streams import STREAM_GAP_ORDER, evaluation_stream
 from streamd.models.loader import load_model
-from streamd.streaming.replay import Emitted, replay_realtime, replay_virtual
+from streamd.streaming.replay import replay_realtime, replay_virtual
 from streamd.streaming.session import Session
 from streamd.streaming.window import WindowRequest, WindowResult
 from streamd.streaming.window_decoder import WindowDecoder
@@ -45,7 +45,6 @@ __all__ = [
     "SPEECH_FLOOR_DB",
     "Report",
     "_percentile",
-    "_score",
     "_voiced_bounds",
     "run",
 ]
@@ -93,17 +92,6 @@ class _NoDraft:
         from dataclasses import replace
 
         return self.decoder.decode([replace(r, draft=()) for r in requests])
-
-
-def _score(
-    language: str,
-    emitted: list[Emitted],
-    utterances: list[Utterance],
-    gaps: list[Gap],
-) -> tuple[float, list[float], list[float], list[str]]:
-    """(error, latencies, first-partial latencies, gap words): streamd.evaluation's score."""
-    score = score_events(language, emitted, utterances, gaps)
-    return score.error, score.latencies_s, score.first_partials_s, score.gap_words
 
 
 def run(language: str, virtual: bool, seed: int, buckets_s: tuple[int, ...] = (30,)) -> Report:

@@ -222,7 +222,6 @@ class StreamConnection:
                     return message
                 case End():
                     await self._send({"type": "closed", "seq": self._next_seq(), "reason": "end"})
-                    await self._flush_outbox()
                     self._release_slot()
                     await self.ws.close()
                     return None

@@ -113,8 +113,8 @@ def _echo_start(
 
 
 def _longest_run(new: list[str], i: int, done: list[str], min_chars: int) -> int:
-    """Words in the longest run of `done`, verbatim, that `new` has from index `i`, counting
-    only runs of at least `min_chars` characters: a longer verbatim run of earlier words,
+    """Words in the longest run of `done`, verbatim, that `new` has from index `i`; 0 unless
+    that run is at least `min_chars` characters: a longer verbatim run of earlier words,
     anywhere, is a re-reading too, but a few Japanese words are a few characters, and a talker
     says "ちゃんと聞こえてんの" twice in a row (seen: the guard then dropped every later word)."""
     best = 0
@@ -122,9 +122,9 @@ def _longest_run(new: list[str], i: int, done: list[str], min_chars: int) -> int
         k = 0
         while i + k < len(new) and j + k < len(done) and new[i + k] == done[j + k]:
             k += 1
-        if k > best and any(new[i : i + k]) and len("".join(new[i : i + k])) >= min_chars:
-            best = k
-    return best
+        best = max(best, k)
+    # characters grow with the run, so only the longest run can pass
+    return best if len("".join(new[i : i + best])) >= min_chars else 0
 
 
 def apply_guards(
