@@ -864,3 +864,36 @@ def test_a_word_timed_across_a_join_lands_in_its_own_utterance() -> None:
     assert all(a >= 5.0 for _, a, _ in late), late  # none before its own piece
     assert late[1:] == true_words(second[1:])
     assert session.stats.retimed_words >= 1
+
+
+def test_an_utterance_that_left_no_word_is_cut_out_of_the_window() -> None:
+    """Room tone or a cough that the VAD let through and the guards rejected whole must not
+    stay in the window: heard in front of the next utterance, it garbles it (Japanese stream
+    seed 1: 1 s of a clip's room tone before its first sentence, 10 characters wrong). Both
+    before any word and between two utterances with words."""
+    first = spoken(distinct_words(4), start_s=0.3)  # 0.3-2.2 s
+    second = spoken(distinct_words(4, first=4), start_s=8.3)  # 8.3-10.2 s
+    # speech, a wordless piece (4.0-5.0 s), speech
+    regions = [(0.0, 2.8), (4.0, 5.0), (8.0, 10.8)]
+    engine = ScriptedEngine([*first, *second])
+    session, events = replay(engine, regions, total_s=12.0)
+    assert final_words(events) == true_words([*first, *second])
+    assert session.stats.wordless_cut == 1
+    after = [r for r in engine.requests if window_end_s(r) > 8.0]
+    assert after
+    for r in after:
+        starts = [round(s.stream / SAMPLE_RATE, 3) for s in window_spans(r)]
+        assert starts == [0.0, 8.0], starts  # the first utterance kept, the noise gone
+    assert_finals_well_formed(events)
+
+
+def test_a_wordless_first_utterance_leaves_an_empty_window() -> None:
+    words = spoken(distinct_words(4), start_s=3.3)
+    engine = ScriptedEngine(words)
+    session, events = replay(engine, [(0.0, 1.0), (3.0, 5.8)], total_s=7.0)
+    assert final_words(events) == true_words(words)
+    assert session.stats.wordless_cut == 1
+    later = [r for r in engine.requests if window_end_s(r) > 3.0]
+    assert later
+    assert all(window_spans(r)[0].stream == 3 * SAMPLE_RATE for r in later)
+    assert session.finished

@@ -68,6 +68,7 @@ class SessionStats:
     trims: int = 0
     context_resets: int = 0  # the decoder looped on its context; it was dropped
     retimed_words: int = 0  # words the alignment put in an utterance already finalized
+    wordless_cut: int = 0  # utterances that left no word, cut out of the window
     guards: GuardStats = field(default_factory=GuardStats)
 
 
@@ -124,6 +125,23 @@ class _Window:
             if sample < stream + end - offset:
                 return offset + sample - stream
         return len(self.audio)
+
+    def piece_start(self, until: int) -> int:
+        """Window sample where the piece (one utterance) that ends at `until` begins."""
+        return max((o for o, _ in self.pieces if o < until), default=0)
+
+    def cut_out(self, start: int, end: int) -> None:
+        """Remove window samples [start, end): one whole piece (later pieces move up)."""
+        n = end - start
+        self.audio = np.concatenate([self.audio[:start], self.audio[end:]])
+        kept = [(o, s) for o, s in self.pieces if not start <= o < end]
+        self.pieces = [(o if o < start else o - n, s) for o, s in kept]
+
+        def moved(sample: int) -> int:
+            return sample if sample <= start else max(sample - n, start)
+
+        self.requested_until = moved(self.requested_until)
+        self.finals = [moved(f) for f in self.finals]
 
     def trim_to(self, cut: int) -> None:
         """Drop the first `cut` window samples."""
@@ -251,7 +269,7 @@ class Session:
             if too_short and not w.tentative:
                 # nothing new since the last commit, or a blip too short to hold a word
                 w.finished_until_s = max(w.finished_until_s, w.stream_s(w.finals[0]))
-                w.finals.pop(0)
+                self._drop_if_wordless(w.finals.pop(0))
                 w.speech_until_s.pop(0)
                 self._set_partial(None)
                 return self.decode_requests(step_ms)
@@ -398,7 +416,22 @@ class Session:
         w.tentative = []
         self._last_result = None
         self._set_partial(None)
-        self._maybe_trim(end / SAMPLE_RATE)
+        self._maybe_trim(self._drop_if_wordless(end) / SAMPLE_RATE)
+
+    def _drop_if_wordless(self, end: int) -> int:
+        """Cut the utterance that ends at `end` out of the window if it left no word (the
+        guards rejected all of it: a cough, a click, room noise the VAD let through); return
+        where the window's audio of it now ends. Kept, it would be heard as the start of the
+        next utterance: Japanese stream seed 1 opens with 1 s of the clip's room tone, which
+        came out as "ご視聴ありがとうございました" (dropped), and the sentence after it, decoded
+        with that noise in front, as "見えようとはときと言いますか" (10 characters wrong)."""
+        w = self._window
+        start = w.piece_start(end)
+        if w.committed_until() > start:
+            return end
+        w.cut_out(start, end)
+        self.stats.wordless_cut += 1
+        return start
 
     def _commit(self, words: list[HypWord], result: WindowResult) -> None:
         if not words:
