@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from streamd.engine.precision import resolve_encoder_precision
 from streamd.evaluation import MODEL_FOR_LANGUAGE
 from streamd.evaluation.scoring import (
     GAP_MARGIN_S,
@@ -56,6 +57,7 @@ class Report:
     model: str
     mode: str
     encoder_buckets_s: tuple[int, ...]
+    encoder_precision: str
     audio_s: float
     utterances: int
     error_streaming: float
@@ -94,12 +96,19 @@ class _NoDraft:
         return self.decoder.decode([replace(r, draft=()) for r in requests])
 
 
-def run(language: str, virtual: bool, seed: int, buckets_s: tuple[int, ...] = (30,)) -> Report:
+def run(
+    language: str,
+    virtual: bool,
+    seed: int,
+    buckets_s: tuple[int, ...] = (30,),
+    encoder_precision: str = "auto",
+) -> Report:
     model_name = MODEL_FOR_LANGUAGE[language]
     stream = evaluation_stream(language, seed)
     audio, utterances, gaps = stream.audio, list(stream.utterances), list(stream.gaps)
     model = load_model(model_name)
-    decoder = WindowDecoder(model, buckets_s=buckets_s)
+    precision = resolve_encoder_precision(encoder_precision, "cpu")
+    decoder = WindowDecoder(model, buckets_s=buckets_s, encoder_precision=precision)
     offline = Transcriber(model, decoder.engine).transcribe(
         audio, TranscribeOptions(language=language)
     )
@@ -122,6 +131,7 @@ def run(language: str, virtual: bool, seed: int, buckets_s: tuple[int, ...] = (3
         model=model_name,
         mode="virtual" if virtual else "realtime",
         encoder_buckets_s=buckets_s,
+        encoder_precision=precision,
         audio_s=round(audio_s, 2),
         utterances=len(utterances),
         error_streaming=round(score.error, 4),
@@ -147,9 +157,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--encoder-buckets", default="30", help="e.g. 10,20,30")
+    parser.add_argument("--encoder-precision", choices=("auto", "fp32", "bf16"), default="auto")
     args = parser.parse_args()
     buckets = tuple(int(b) for b in args.encoder_buckets.split(","))
-    report = run(args.language, args.virtual, args.seed, buckets)
+    report = run(args.language, args.virtual, args.seed, buckets, args.encoder_precision)
     for key, value in asdict(report).items():
         print(f"{key:>28}: {value}")
     if args.json:

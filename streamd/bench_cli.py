@@ -67,6 +67,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     b.add_argument("--no-offline", action="store_true", help="skip the offline transcription")
     b.add_argument("--device", default="cpu", help="torch device of daemon and offline: cpu/cuda")
     b.add_argument(
+        "--encoder-precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="encoder arithmetic of daemon and offline (auto: bf16 where the CPU has it)",
+    )
+    b.add_argument(
         "--serve-args",
         type=shlex.split,
         default=[],
@@ -79,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     """The whole benchmark; EXIT_ERROR if a peer failed (its error is printed, the rest is
     written). Raises ConfigError for a missing extra, peer setup or audio."""
     _require_extras()
+    from streamd.engine.precision import resolve_encoder_precision
     from streamd.evaluation import MODEL_FOR_LANGUAGE
     from streamd.evaluation.daemon import running_daemon
     from streamd.evaluation.load import run_clients
@@ -103,8 +110,11 @@ def run(args: argparse.Namespace) -> int:
     for stream in streams:
         write_stream(stream, out / "streams")
     _log(f"{len(streams)} stream(s) of {streams[0].duration_s:.1f} s in {out / 'streams'}")
-    offline = None if args.no_offline else _offline_texts(streams, model, args.device)
-    serve = ["--model", model, "--device", args.device, *args.serve_args]
+    precision = resolve_encoder_precision(args.encoder_precision, args.device)
+    _log(f"encoder precision: {precision}")
+    offline = None if args.no_offline else _offline_texts(streams, model, args.device, precision)
+    serve = ["--model", model, "--device", args.device, "--encoder-precision", precision]
+    serve += args.serve_args
     results = BenchResults(
         language=args.language,
         model=model,
@@ -172,13 +182,15 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _offline_texts(streams: Sequence[EvaluationStream], model_name: str, device: str) -> list[str]:
+def _offline_texts(
+    streams: Sequence[EvaluationStream], model_name: str, device: str, precision: str
+) -> list[str]:
     """Offline transcripts of `streams`, as `streamd transcribe` makes them (one batched run)."""
     from streamd.models.loader import load_model
     from streamd.transcribe import TranscribeOptions, Transcriber
 
     _log(f"offline transcription of {len(streams)} stream(s) with {model_name}")
-    transcriber = Transcriber(load_model(model_name, device=device))
+    transcriber = Transcriber(load_model(model_name, device=device), encoder_precision=precision)
     options = TranscribeOptions(language=streams[0].language)
     return [t.text for t in transcriber.transcribe_many((s.audio for s in streams), options)]
 

@@ -28,6 +28,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--language", default=None, help="ISO code (en, ja, ...); default: detect")
     p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument(
+        "--encoder-precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="encoder arithmetic; auto: bf16 where the CPU has it natively, else fp32",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +133,13 @@ def _load(args: argparse.Namespace) -> LoadedModel:
     return load_model(args.model, device=args.device)
 
 
+def encoder_precision(args: argparse.Namespace) -> str:
+    """fp32 or bf16, from the model flags (`--encoder-precision`, `--device`)."""
+    from streamd.engine.precision import resolve_encoder_precision
+
+    return resolve_encoder_precision(args.encoder_precision, args.device)
+
+
 def _transcribe(args: argparse.Namespace) -> int:
     from streamd.audio import load_audio
     from streamd.transcribe import TranscribeOptions, Transcriber
@@ -134,7 +147,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     if args.format == "all" and args.output_dir is None:
         raise ConfigError("--format all needs --output-dir")
     model = _load(args)
-    transcriber = Transcriber(model)
+    transcriber = Transcriber(model, encoder_precision=encoder_precision(args))
     options = TranscribeOptions(
         language=args.language,
         task=args.task,

@@ -64,7 +64,9 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
     if args.prompt:
         vocabulary = tuple(model.tokenizer(args.language).encode(" " + args.prompt.strip()))
     session = Session(config, language=args.language, vocabulary=vocabulary)
-    decoder = WindowDecoder(model)
+    from streamd.cli import encoder_precision
+
+    decoder = WindowDecoder(model, encoder_precision=encoder_precision(args))
     on_event = EventPrinter(sys.stdout, args.jsonl)
 
     resampled = "" if source.rate_hz == 16000 else f", resampled from {source.rate_hz} Hz"

@@ -59,7 +59,9 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
         raise ConfigError(
             f"--encoder-buckets: {args.encoder_buckets!r} is not a list of seconds"
         ) from exc
-    decoder = WindowDecoder(model, buckets_s=buckets)
+    from streamd.cli import encoder_precision
+
+    decoder = WindowDecoder(model, buckets_s=buckets, encoder_precision=encoder_precision(args))
     config = SessionConfig() if args.step_ms is None else SessionConfig(step_ms=args.step_ms)
     vocabulary: tuple[int, ...] = ()
     if args.prompt:

@@ -95,9 +95,14 @@ class Transcriber:
     identical to transcribing each file alone.
     """
 
-    def __init__(self, model: LoadedModel, engine: Engine | None = None) -> None:
+    def __init__(
+        self, model: LoadedModel, engine: Engine | None = None, encoder_precision: str = "fp32"
+    ) -> None:
+        """encoder_precision: fp32 or bf16 for the torch engine built when `engine` is None."""
         self.model = model
-        self.engine: Engine = engine or TorchEngine(model.model, model.alignment_heads)
+        self.engine: Engine = engine or TorchEngine(
+            model.model, model.alignment_heads, encoder_precision=encoder_precision
+        )
         self.decoder = GreedyDecoder(self.engine, model.tokenizer, model.is_multilingual)
 
     def transcribe(

@@ -59,6 +59,7 @@ def test_config_defaults_and_env_lists() -> None:
         ({"port.x": 1}, "port is not a section"),
         ({"mqtt.partials": "maybe"}, "not a boolean"),
         ({"engine": "tpu"}, "engine must be torch or neuron"),
+        ({"encoder_precision": "fp16"}, "encoder_precision must be one of auto, fp32, bf16"),
     ],
 )
 def test_config_errors_name_the_setting(overrides_: dict[str, object], needle: str) -> None:
@@ -78,11 +79,16 @@ def test_config_file_errors(tmp_path: Path) -> None:
 def test_serve_flags_become_dotted_overrides() -> None:
     from streamd.cli import build_parser
 
-    args = build_parser().parse_args(
-        ["serve", "--port", "1234", "--step-ms", "250", "--set", "vad.hangover_ms=500"]
-    )
+    flags = ["--port", "1234", "--step-ms", "250", "--set", "vad.hangover_ms=500"]
+    args = build_parser().parse_args(["serve", *flags, "--encoder-precision", "bf16"])
     got = overrides(args)
-    assert got == {"port": 1234, "session.step_ms": 250, "vad.hangover_ms": "500"}
+    assert got == {
+        "port": 1234,
+        "session.step_ms": 250,
+        "vad.hangover_ms": "500",
+        "encoder_precision": "bf16",
+    }
+    assert load_config(None, {}, got).encoder_precision == "bf16"
     assert load_config(None, {}, got).session.vad.hangover_ms == 500
     with pytest.raises(ConfigError, match="NAME=VALUE"):
         overrides(build_parser().parse_args(["serve", "--set", "novalue"]))

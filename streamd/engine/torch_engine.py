@@ -29,8 +29,14 @@ class TorchEngine:
         model: Whisper,
         alignment_heads: tuple[tuple[int, int], ...],
         max_batch: int = DEFAULT_MAX_BATCH,
+        encoder_precision: str = "fp32",
     ) -> None:
+        if encoder_precision not in ("fp32", "bf16"):
+            raise EngineError(f"encoder_precision must be fp32 or bf16, got {encoder_precision!r}")
         dims = model.dims
+        # bf16: the encoder's matmuls run in bfloat16 (torch autocast), its output is float32
+        # again; see streamd/engine/precision.py for when that pays
+        self.encoder_precision = encoder_precision
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -71,6 +77,12 @@ class TorchEngine:
         if not 0 < frames <= 2 * self.n_audio_ctx:
             raise EngineError(f"mel frames must be even, 2..{2 * self.n_audio_ctx}, got {frames}")
         mel = mel.to(self.device, self.dtype)
+        if self.encoder_precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return self._encode(mel, frames).to(self.dtype)
+        return self._encode(mel, frames)
+
+    def _encode(self, mel: Tensor, frames: int) -> Tensor:
         if frames == 2 * self.n_audio_ctx:
             return self.model.encoder(mel)
         # An encoder context bucket: only the first `frames` mel frames, the positional

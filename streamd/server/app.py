@@ -116,6 +116,7 @@ class Daemon:
     def _load(self) -> Any:
         import numpy as np
 
+        from streamd.engine.precision import resolve_encoder_precision
         from streamd.errors import ConfigError
         from streamd.models.loader import load_model
         from streamd.streaming.window import WindowRequest
@@ -131,7 +132,11 @@ class Daemon:
 
             torch.set_num_threads(self.config.threads)
         model = load_model(self.config.model, self.config.device)
-        decoder = WindowDecoder(model, buckets_s=self.config.encoder_buckets_s)
+        precision = resolve_encoder_precision(self.config.encoder_precision, self.config.device)
+        log.info("encoder precision: %s (%s)", precision, self.config.encoder_precision)
+        decoder = WindowDecoder(
+            model, buckets_s=self.config.encoder_buckets_s, encoder_precision=precision
+        )
         # warm-up: the first call pays for lazy initialisation; no client should
         noise = np.random.default_rng(0).normal(0, 0.01, 16_000).astype(np.float32)
         warm = WindowRequest("warmup", 0, ((0, 0),), noise, (), (), (), "en", "transcribe", True)

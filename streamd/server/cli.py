@@ -24,6 +24,7 @@ _FLAGS = {
     "max_sessions": "max_sessions",
     "journal_dir": "journal_dir",
     "encoder_buckets": "encoder_buckets_s",
+    "encoder_precision": "encoder_precision",
     "step_ms": "session.step_ms",
     "vad_aggressiveness": "vad.aggressiveness",
     "mqtt_url": "mqtt.url",
@@ -48,6 +49,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--max-sessions", type=int, default=None)
     p.add_argument("--journal-dir", type=Path, default=None, help="where finals are journaled")
     p.add_argument("--encoder-buckets", default=None, help="encoder context buckets, s: 10,20,30")
+    p.add_argument(
+        "--encoder-precision",
+        default=None,
+        choices=("auto", "fp32", "bf16"),
+        help="encoder arithmetic (default auto: bf16 where the CPU has it natively)",
+    )
     p.add_argument("--step-ms", type=int, default=None, help="decode every N ms of new speech")
     p.add_argument("--vad-aggressiveness", type=int, default=None, choices=(0, 1, 2, 3))
     p.add_argument("--mqtt-url", default=None, help="publish finals to mqtt://host[:port]")

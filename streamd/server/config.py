@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamd.engine.precision import ENCODER_PRECISIONS
 from streamd.errors import ConfigError
 from streamd.streaming.config import SessionConfig
 
@@ -59,6 +60,8 @@ class Config:
     encoder_buckets_s: tuple[int, ...] = (30,)  # a lone stream: full context (quality)
     # while the engine is contended: smaller contexts are up to 4x cheaper (capacity)
     busy_encoder_buckets_s: tuple[int, ...] = (10, 20, 30)
+    # auto: bf16 where the CPU has it natively (streamd/engine/precision.py), else fp32
+    encoder_precision: str = "auto"
     language: str | None = None  # default for sessions that do not say; None = detect
     max_sessions: int = 16
     max_frame_bytes: int = 1 << 20  # one binary frame; bigger ones are refused, not cut
@@ -76,6 +79,11 @@ class Config:
             raise ConfigError("max_sessions and max_batch must be >= 1, batch_wait_ms >= 0")
         if self.max_frame_bytes < 1024:
             raise ConfigError("max_frame_bytes must be at least 1024")
+        if self.encoder_precision not in ENCODER_PRECISIONS:
+            raise ConfigError(
+                f"encoder_precision must be one of {', '.join(ENCODER_PRECISIONS)}, "
+                f"got {self.encoder_precision!r}"
+            )
         if self.engine not in ("torch", "neuron"):
             raise ConfigError(f"engine must be torch or neuron, got {self.engine!r}")
         if self.mqtt.qos not in (0, 1, 2):

@@ -35,10 +35,15 @@ class WindowDecoder:
         model: LoadedModel,
         engine: Engine | None = None,
         buckets_s: tuple[int, ...] = DEFAULT_BUCKETS_S,
+        encoder_precision: str = "fp32",
     ) -> None:
+        """encoder_precision: fp32 or bf16 for the torch engine built when `engine` is None
+        (`streamd.engine.precision.resolve_encoder_precision` turns "auto" into one)."""
         self.model = model
         self.buckets_s = self.check_buckets(buckets_s)
-        self.engine: Engine = engine or TorchEngine(model.model, model.alignment_heads)
+        self.engine: Engine = engine or TorchEngine(
+            model.model, model.alignment_heads, encoder_precision=encoder_precision
+        )
         self.decoder = GreedyDecoder(self.engine, model.tokenizer, model.is_multilingual)
 
     @property
