@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from streamd.engine.precision import resolve_encoder_precision
+from streamd.engine.precision import ENCODER_PRECISIONS, resolve_encoder_precision
 from streamd.evaluation import MODEL_FOR_LANGUAGE
 from streamd.evaluation.scoring import (
     GAP_MARGIN_S,
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--encoder-buckets", default="30", help="e.g. 10,20,30")
-    parser.add_argument("--encoder-precision", choices=("auto", "fp32", "bf16"), default="auto")
+    parser.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS, default="auto")
     args = parser.parse_args()
     buckets = tuple(int(b) for b in args.encoder_buckets.split(","))
     report = run(args.language, args.virtual, args.seed, buckets, args.encoder_precision)

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from streamd.engine.precision import ENCODER_PRECISIONS, resolve_encoder_precision
 from streamd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     b.add_argument("--device", default="cpu", help="torch device of daemon and offline: cpu/cuda")
     b.add_argument(
         "--encoder-precision",
-        choices=("auto", "fp32", "bf16"),
+        choices=ENCODER_PRECISIONS,
         default="auto",
         help="encoder arithmetic of daemon and offline (auto: bf16 where the CPU has it)",
     )
@@ -85,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
     """The whole benchmark; EXIT_ERROR if a peer failed (its error is printed, the rest is
     written). Raises ConfigError for a missing extra, peer setup or audio."""
     _require_extras()
-    from streamd.engine.precision import resolve_encoder_precision
     from streamd.evaluation import MODEL_FOR_LANGUAGE
     from streamd.evaluation.daemon import running_daemon
     from streamd.evaluation.load import run_clients

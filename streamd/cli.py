@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from streamd.engine.precision import ENCODER_PRECISIONS
 from streamd.errors import ClientError, ConfigError, StreamdError
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument(
         "--encoder-precision",
-        choices=("auto", "fp32", "bf16"),
+        choices=ENCODER_PRECISIONS,
         default="auto",
         help="encoder arithmetic; auto: bf16 where the CPU has it natively, else fp32",
     )

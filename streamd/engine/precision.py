@@ -34,7 +34,7 @@ def cpu_has_native_bf16(cpuinfo: Path = CPUINFO) -> bool:
 
 
 def resolve_encoder_precision(name: str, device: str, cpuinfo: Path = CPUINFO) -> str:
-    """ "fp32" or "bf16" for the setting `name` (auto, fp32, bf16) on `device`.
+    """The precision to run, "fp32" or "bf16", for the setting `name` (auto, fp32, bf16).
 
     auto: bf16 on a CPU with native bfloat16, else fp32 (GPUs keep fp32: not measured yet).
     """

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from streamd.engine.precision import ENCODER_PRECISIONS
 from streamd.errors import ConfigError
 
 # flag -> dotted setting; these are the common ones, `--set name=value` reaches the rest
@@ -52,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--encoder-precision",
         default=None,
-        choices=("auto", "fp32", "bf16"),
+        choices=ENCODER_PRECISIONS,
         help="encoder arithmetic (default auto: bf16 where the CPU has it natively)",
     )
     p.add_argument("--step-ms", type=int, default=None, help="decode every N ms of new speech")
