@@ -47,3 +47,18 @@ def test_a_short_phrase_said_twice_in_japanese_is_kept() -> None:
     kept, stats = guarded(hyp(said, start_s=3.0), forced)
     assert kept == said
     assert not stats.dropped_words["echo"]
+
+
+def _phrase_guard(word: str, probability: float, avg_logprob: float) -> list[str]:
+    words = [HypWord(word, 13.26, 13.35, probability, (1000,))]
+    result = WindowResult(0, tuple(words), "en", avg_logprob, 0.5, 1.0)
+    kept = apply_guards(result, 2.0, GuardConfig(), GuardStats(), forced=[], window_end_s=14.0)
+    return [w.word for w in kept]
+
+
+def test_yeah_on_applause_is_dropped_and_a_clear_yeah_is_kept() -> None:
+    # what tiny.en wrote on the applause after "...for your country." (English stream seed 1)
+    assert _phrase_guard(" Yeah.", probability=0.15, avg_logprob=-0.76) == []
+    clear = WindowResult(0, (HypWord(" Yeah.", 1.0, 1.3, 0.95, (1000,)),), "en", -0.1, 0.01, 1.0)
+    kept = apply_guards(clear, 2.0, GuardConfig(), GuardStats(), forced=[], window_end_s=2.0)
+    assert [w.word for w in kept] == [" Yeah."]

@@ -27,6 +27,7 @@ HALLUCINATION_PHRASES = (
     "thank you",
     "you",
     "bye",
+    "yeah",  # on applause: JFK's clip tail, word probability 0.09-0.15, no_speech 0.50
     "ご視聴ありがとうございました",
     "ご覧いただきありがとうございます",
     "チャンネル登録",
