@@ -869,8 +869,8 @@ def test_a_word_timed_across_a_join_lands_in_its_own_utterance() -> None:
 def test_an_utterance_that_left_no_word_is_cut_out_of_the_window() -> None:
     """Room tone or a cough that the VAD let through and the guards rejected whole must not
     stay in the window: heard in front of the next utterance, it garbles it (Japanese stream
-    seed 1: 1 s of a clip's room tone before its first sentence, 10 characters wrong). Both
-    before any word and between two utterances with words."""
+    seed 1: 1 s of a clip's room tone before its first sentence, 10 characters wrong). Here
+    between two utterances with words; the next test has it before any word."""
     first = spoken(distinct_words(4), start_s=0.3)  # 0.3-2.2 s
     second = spoken(distinct_words(4, first=4), start_s=8.3)  # 8.3-10.2 s
     # speech, a wordless piece (4.0-5.0 s), speech

@@ -96,8 +96,7 @@ class _Window:
 
     def new_speech(self, until: int) -> int:
         """Samples of the utterance ending at `until` not yet covered by committed words."""
-        piece_start = max((o for o, _ in self.pieces if o < until), default=0)
-        return until - max(piece_start, self.committed_until())
+        return until - max(self.piece_start(until), self.committed_until())
 
     def _piece_end(self, i: int) -> int:
         return self.pieces[i + 1][0] if i + 1 < len(self.pieces) else len(self.audio)
