@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from tests.audio_fixtures import shared_audio_dir
 from tests.daemon import Daemon, running_daemon
 from tests.ws_client import (
+    WAIT_S,
     StreamClient,
     pcm_of,
     run,
@@ -1008,19 +1009,28 @@ def test_sigint_while_streaming_closes_promptly_and_exits_0(tmp_path: Path) -> N
     closing handshake (audio after the shutdown is dropped; the server keeps reading, so it
     sees the client's close frame), the journal closed with reason shutdown, exit code 0."""
     pcm = pcm_of(JFK)
+    # "...fellow Americans" ends at 2.1 s: the signal comes once it has been sent (a faster
+    # engine gives the first final sooner, and the shutdown then cut "Americans")
+    heard_bytes = 3 * 16_000 * 2
     with running_daemon(tmp_path, *DAEMON_ARGS) as d:
 
         async def scenario() -> tuple[StreamClient, float, int | None]:
             async with stream_client(d.ws_url) as client:
                 await client.start()
+                heard = asyncio.Event()
 
                 async def keep_streaming() -> None:
                     with contextlib.suppress(ConnectionClosed):
                         # small frames at 2x: dozens arrive while the shutdown finalizes
-                        await client.send_audio(pcm + pcm, chunk_bytes=320, realtime=2.0)
+                        await client.send_audio(pcm[:heard_bytes], chunk_bytes=320, realtime=2.0)
+                        heard.set()
+                        rest = pcm[heard_bytes:] + pcm
+                        await client.send_audio(rest, chunk_bytes=320, realtime=2.0)
 
                 sender = asyncio.create_task(keep_streaming())
                 await client.wait_type("final")
+                async with asyncio.timeout(WAIT_S):
+                    await heard.wait()
                 d.process.send_signal(signal.SIGINT)
                 await client.wait_type("closed")
                 closed_at = time.monotonic()
