@@ -267,6 +267,9 @@ class ScriptedEngine:
         consecutive steps never agree on anything.
     stuck_on_forced: a window with forced words gets the last of them over and over instead of
         what it heard (Whisper looping on its own context).
+    silenced_by_context: a window holding an earlier utterance (more than one run of audio) or
+        a prompt gets nothing (Whisper after a committed sign-off, "ご視聴ありがとうございました",
+        writing end-of-text for all that follows).
     early_at_join_s: the first word heard in each run of audio after the first is timed in the
         last this-many seconds of the run before it (the alignment misplacing a word across a
         join between two pieces of speech).
@@ -288,6 +291,7 @@ class ScriptedEngine:
         no_speech: bool = False,
         disagree: bool = False,
         stuck_on_forced: bool = False,
+        silenced_by_context: bool = False,
         check_ramp: bool = True,
         language: str = "en",
         early_at_join_s: float = 0.0,
@@ -301,6 +305,7 @@ class ScriptedEngine:
         self.no_speech = no_speech
         self.disagree = disagree
         self.stuck_on_forced = stuck_on_forced
+        self.silenced_by_context = silenced_by_context
         self.check_ramp = check_ramp
         self.language = language
         self.early_at_join_s = early_at_join_s
@@ -346,6 +351,8 @@ class ScriptedEngine:
                 )
                 for i in range(6)
             ]
+        if self.silenced_by_context and (len(spans) > 1 or request.prompt):
+            words = []
         if self.disagree and len(self.requests) % 2 == 0 and words:
             first = words[0]
             alt = alternate_spelling(first.word)

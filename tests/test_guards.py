@@ -49,6 +49,22 @@ def test_a_short_phrase_said_twice_in_japanese_is_kept() -> None:
     assert not stats.dropped_words["echo"]
 
 
+def test_a_known_phrase_is_dropped_whole_when_a_cut_leaves_its_first_word() -> None:
+    # base on 0.84 s of room tone (Japanese seed 1, 150 ms pre-roll): the alignment squeezed all
+    # but "ご" past the audio's end; the cut left "ご", which was committed on its own
+    first = HypWord("ご", 2.55, 3.19, 0.4, (1000,))
+    rest = [
+        HypWord(w, 3.38, 3.385, 0.4, (1001 + i,))
+        for i, w in enumerate(["視聴", "ありがとう", "ございました"])
+    ]
+    result = WindowResult(0, (first, *rest), "ja", -0.9, 0.4, 1.0)
+    stats = GuardStats()
+    kept = apply_guards(result, 0.84, GuardConfig(), stats, forced=[], window_end_s=3.39)
+    assert kept == []
+    assert stats.dropped_words["beyond_audio"] == 3
+    assert stats.dropped_words["phrase"] == 1
+
+
 def _phrase_guard(word: str, probability: float, avg_logprob: float) -> list[str]:
     words = [HypWord(word, 13.26, 13.35, probability, (1000,))]
     result = WindowResult(0, tuple(words), "en", avg_logprob, 0.5, 1.0)

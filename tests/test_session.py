@@ -884,6 +884,33 @@ def test_an_utterance_that_left_no_word_is_cut_out_of_the_window() -> None:
     for r in after:
         starts = [round(s.stream / SAMPLE_RATE, 3) for s in window_spans(r)]
         assert starts == [0.0, 8.0], starts  # the first utterance kept, the noise gone
+    # the noise was decoded once more alone (as if its context had silenced the decoder),
+    # wrote nothing there either, and the context stayed
+    alone = [r for r in engine.requests if r.final and not r.forced and window_end_s(r) == 5.0]
+    assert [window_spans(r)[0].stream / SAMPLE_RATE for r in alone] == [4.0]
+    assert session.stats.context_resets == 0
+    assert_finals_well_formed(events)
+
+
+def test_an_utterance_its_context_silenced_is_decoded_alone() -> None:
+    """After committed words the decoder can write nothing at all for real speech (a committed
+    sign-off, "ご視聴ありがとうございました", then end-of-text for every later window: Japanese
+    seed 1 with a 150 ms pre-roll lost the whole stream). The final of an utterance with speech
+    and no word is decoded again with its own audio only; words there mean the context was the
+    trouble, so it goes, and the utterances after it are heard too."""
+    first = spoken(distinct_words(4), start_s=0.3)  # 0.3-2.2 s
+    second = spoken(distinct_words(4, first=4), start_s=4.3)  # 4.3-6.2 s
+    third = spoken(distinct_words(4, first=8), start_s=8.3)  # 8.3-10.2 s
+    regions = [(0.0, 2.8), (4.0, 6.8), (8.0, 10.8)]
+    engine = ScriptedEngine([*first, *second, *third], silenced_by_context=True)
+    session, events = replay(engine, regions, total_s=12.0)
+    assert final_words(events) == true_words([*first, *second, *third])
+    assert session.stats.context_resets == 2  # the second and the third utterance
+    alone = [r for r in engine.requests if r.final and not r.forced and not r.prompt]
+    assert [[s.stream / SAMPLE_RATE for s in window_spans(r)] for r in alone] == [
+        [4.0],
+        [8.0],
+    ]
     assert_finals_well_formed(events)
 
 

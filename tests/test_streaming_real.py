@@ -211,3 +211,23 @@ def test_room_tone_the_guards_rejected_is_not_heard_in_front_of_the_next_sentenc
     assert session.stats.wordless_cut >= 1
     assert text.startswith("日本"), text
     assert error_rate([stream.reference_text], [text], "ja") < 0.28, text
+
+
+def test_a_sign_off_on_room_tone_is_not_committed_and_the_stream_stays_heard() -> None:
+    """With a 150 ms pre-roll, base wrote "ご視聴ありがとうございました" on seed 1's room tone
+    and the alignment squeezed all but "ご" past the audio's end: "ご" was committed, then
+    "視聴ありがとうございました" after it, and with that in its context the decoder wrote
+    nothing for the rest of the stream (CER 0.954). The phrase guard now judges the whole
+    hypothesis, and an utterance its context silenced is decoded alone."""
+    from streamd.evaluation.streams import evaluation_stream
+    from streamd.streaming.config import SessionConfig
+    from streamd.vad import VadConfig
+
+    stream = evaluation_stream("ja", seed=1)
+    decoder = WindowDecoder(load_model("base"))
+    session = Session(SessionConfig(vad=VadConfig(preroll_ms=150)), language="ja")
+    emitted = replay_virtual(session, stream.audio, decoder.decode)
+    text = "".join(e.event.text for e in emitted if isinstance(e.event, Final))
+    assert text.startswith("日本"), text
+    assert "テスト" in text and "かどうか" in text, text
+    assert error_rate([stream.reference_text], [text], "ja") < 0.35, text

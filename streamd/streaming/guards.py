@@ -144,6 +144,9 @@ def apply_guards(
     words = list(result.words)
     if not words:
         return words
+    # judged on the whole hypothesis too: a cut below can leave a known phrase's first word
+    # ("ご" of "ご視聴ありがとうございました", the rest squeezed past the audio's end)
+    known_whole = _is_known_phrase(words) and _weak(result, words, config)
     if result.no_speech_prob > config.no_speech_prob and result.avg_logprob < config.logprob:
         stats.count("no_speech", len(words))
         return []
@@ -183,13 +186,17 @@ def apply_guards(
             stats.count("token_rate", len(words) - i)
             words = words[:i]
             break
-    mean_probability = sum(w.probability for w in words) / len(words) if words else 1.0
-    weak = (
+    if words and (known_whole or (_is_known_phrase(words) and _weak(result, words, config))):
+        stats.count("phrase", len(words))
+        return []
+    return words
+
+
+def _weak(result: WindowResult, words: list[HypWord], config: GuardConfig) -> bool:
+    """The evidence for `words` is weak enough to drop them if they are a known phrase."""
+    mean_probability = sum(w.probability for w in words) / len(words)
+    return (
         result.avg_logprob < config.weak_logprob
         or result.no_speech_prob > config.weak_no_speech_prob
         or mean_probability < config.weak_word_probability
     )
-    if weak and words and _is_known_phrase(words):
-        stats.count("phrase", len(words))
-        return []
-    return words

@@ -45,6 +45,9 @@ HANGOVER_WORD_MARGIN_S = 0.3
 # it: once the VAD ends the utterance (its hangover ran out), that step's words are the final
 # and no decode of the hangover's non-speech is needed.
 HEARD_AFTER_SPEECH_S = 0.4
+# An utterance with this much speech that decodes to nothing after earlier words is retried
+# without them (`Session._silenced_by_context`); a cough or a click is shorter.
+SILENCED_MIN_SPEECH_S = 0.5
 
 
 class SpeechGate(Protocol):
@@ -129,6 +132,11 @@ class _Window:
         """Window sample where the piece (one utterance) that ends at `until` begins."""
         return max((o for o, _ in self.pieces if o < until), default=0)
 
+    def piece_start_s(self, until: int) -> float:
+        """Stream time where the utterance that ends at window sample `until` begins."""
+        start = self.piece_start(until)
+        return next((s for o, s in self.pieces if o == start), self.pieces[0][1]) / SAMPLE_RATE
+
     def cut_out(self, start: int, end: int) -> None:
         """Remove window samples [start, end): one whole piece (later pieces move up)."""
         n = end - start
@@ -194,6 +202,8 @@ class Session:
         self._partial: Partial | None = None
         self._ended = False
         self._last_audio_now: float | None = None
+        self._decode_alone = False  # the first pending final is to be decoded alone
+        self._alone_id: int | None = None  # the request doing that
 
     # -- input ---------------------------------------------------------------------------------
 
@@ -258,6 +268,8 @@ class Session:
         if self._in_flight is not None or not w.pieces:
             return []
         max_samples = int(MAX_WINDOW_S * SAMPLE_RATE)
+        if w.finals and self._decode_alone:
+            return [self._alone_request(w.finals[0])]
         if w.finals:
             until = w.finals[0]
             if w.requested_until >= self._heard_all(until) and self._last_result is not None:
@@ -303,6 +315,53 @@ class Session:
         self.stats.audio_decoded_s += len(window) / SAMPLE_RATE
         return [request]
 
+    def _alone_request(self, until: int) -> WindowRequest:
+        """The final of the utterance ending at `until` with nothing before it: its own audio
+        only, no forced words, only the vocabulary as prompt."""
+        w = self._window
+        start = w.piece_start(until)
+        audio = w.audio[start : min(until, start + int(MAX_WINDOW_S * SAMPLE_RATE))]
+        guards = self.config.guards
+        request = WindowRequest(
+            session_id=self.session_id,
+            request_id=self._next_request,
+            pieces=((0, next(s for o, s in w.pieces if o == start)),),
+            audio=audio,
+            prompt=self.vocabulary,
+            forced=(),
+            draft=(),
+            language=self.language,
+            task=self.task,
+            final=True,
+            max_tokens=int(guards.max_tokens_per_s * len(audio) / SAMPLE_RATE)
+            + guards.token_slack
+            + 1,
+        )
+        self._next_request += 1
+        self._decode_alone = False
+        self._alone_id = request.request_id
+        self._in_flight = request
+        self.stats.requests += 1
+        self.stats.audio_decoded_s += len(audio) / SAMPLE_RATE
+        return request
+
+    def _alone_done(self, request: WindowRequest, result: WindowResult) -> None:
+        """Words from the utterance decoded alone: its context silenced the decoder, so the
+        context goes (as after a loop); none: it was noise after all, and the context stays."""
+        self._alone_id = None
+        window_end_s = request.to_stream_s(len(request.audio) / SAMPLE_RATE)
+        words = apply_guards(
+            result,
+            len(request.audio) / SAMPLE_RATE,
+            self.config.guards,
+            self.stats.guards,
+            forced=[],
+            window_end_s=window_end_s,
+        )
+        if words:
+            self._forget_context()
+        self._finish_utterance(words, result, may_retry=False)
+
     def decode_done(self, request: WindowRequest, result: WindowResult, now: float) -> None:
         """Take the engine's result for the request in flight."""
         if self._in_flight is None or request.request_id != self._in_flight.request_id:
@@ -313,6 +372,9 @@ class Session:
         self.stats.forward_passes += result.forward_passes
         self.stats.draft_tokens += result.draft_tokens
         self.stats.accepted_tokens += result.accepted_tokens
+        if request.request_id == self._alone_id:
+            self._alone_done(request, result)
+            return
         w = self._window
         window_end_s = request.to_stream_s(len(request.audio) / SAMPLE_RATE)
         start_s = w.committed[-1].end if w.committed else request.to_stream_s(0.0)
@@ -401,9 +463,17 @@ class Session:
         w = self._window
         return min(until, w.window_sample(w.speech_until_s[0] + HEARD_AFTER_SPEECH_S))
 
-    def _finish_utterance(self, words: list[HypWord], result: WindowResult) -> None:
+    def _finish_utterance(
+        self, words: list[HypWord], result: WindowResult, may_retry: bool = True
+    ) -> None:
         """Commit every word of the utterance that ends at the first pending final point."""
         w = self._window
+        if may_retry and self._silenced_by_context(result):
+            self._decode_alone = True  # decode_requests asks for this final again
+            w.tentative = []
+            self._last_result = None
+            self._set_partial(None)
+            return
         end = w.finals.pop(0)
         speech_until = w.speech_until_s.pop(0)
         w.finished_until_s = max(w.finished_until_s, w.stream_s(end))
@@ -416,6 +486,20 @@ class Session:
         self._last_result = None
         self._set_partial(None)
         self._maybe_trim(self._drop_if_wordless(end) / SAMPLE_RATE)
+
+    def _silenced_by_context(self, result: WindowResult) -> bool:
+        """The decoder wrote nothing at all for an utterance with `SILENCED_MIN_SPEECH_S` of
+        speech, after committed words (forced, or in the prompt): its final is decoded again
+        alone (`_alone_request`). A hallucination that got committed can do that to every
+        later utterance: Japanese seed 1 with a 150 ms pre-roll committed "ご" from room tone,
+        then "視聴ありがとうございました", and after that prefix the decoder wrote nothing for
+        the rest of the stream (CER 0.95)."""
+        w = self._window
+        if result.words or not (w.committed or self._prompt):
+            return False
+        if w.committed_until() > w.piece_start(w.finals[0]):
+            return False  # its words were committed by agreement: the final has nothing left
+        return w.speech_until_s[0] - w.piece_start_s(w.finals[0]) >= SILENCED_MIN_SPEECH_S
 
     def _drop_if_wordless(self, end: int) -> int:
         """Cut the utterance that ends at `end` out of the window if it left no word (the
