@@ -918,6 +918,7 @@ def test_metrics_exposes_the_daemon_metrics(daemon: Daemon) -> None:
         "streamd_sessions_total",
         "streamd_finals_total",
         "# TYPE streamd_guard_dropped_words_total counter",
+        "streamd_context_resets_total",
         'streamd_errors_total{code="bad_message"}',
     ):
         assert name in text, f"{name} missing from /metrics:\n{text}"

@@ -107,6 +107,7 @@ class StreamConnection:
         self._client_gone = False
         self._close_reason = "end"
         self._guards_seen: dict[str, int] = {}
+        self._resets_seen = 0
         self.done = asyncio.Event()  # the stream is over and its finals are journaled
         # after `ready`, one writer task sends everything, in seq order, so that events go out
         # as soon as they happen (the receiver's too) without two tasks interleaving sends
@@ -421,7 +422,7 @@ class StreamConnection:
             for request, result in zip(requests, results, strict=True):
                 session.decode_done(request, result, now)
                 self.s.metrics.forward_passes.inc(result.forward_passes)
-            self._count_guards()
+            self._count_session_stats()
         self._flush_events()
 
     def _step_ms(self) -> int:
@@ -429,13 +430,16 @@ class StreamConnection:
         stretch = next((factor for level, factor in STEP_STRETCH if load >= level), 1)
         return self.s.config.session.step_ms * stretch
 
-    def _count_guards(self) -> None:
+    def _count_session_stats(self) -> None:
         assert self.session is not None
         for guard, words in self.session.stats.guards.dropped_words.items():
             new = words - self._guards_seen.get(guard, 0)
             if new:
                 self.s.metrics.guard_dropped.labels(guard).inc(new)
                 self._guards_seen[guard] = words
+        resets = self.session.stats.context_resets
+        self.s.metrics.context_resets.inc(resets - self._resets_seen)
+        self._resets_seen = resets
 
     def _flush_events(self) -> None:
         assert self.session is not None

@@ -77,6 +77,11 @@ class Metrics:
         self.guard_dropped = Counter(
             "streamd_guard_dropped_words", "Words dropped by a guard", ["guard"], registry=r
         )
+        self.context_resets = Counter(
+            "streamd_context_resets",
+            "Decoding contexts dropped: the decoder looped on them or wrote nothing after them",
+            registry=r,
+        )
         self.errors = Counter("streamd_errors", "error messages sent", ["code"], registry=r)
         self.finals = Counter("streamd_finals", "Finals sent", registry=r)
         self.mqtt_connected = Gauge("streamd_mqtt_connected", "1 when the broker is up", registry=r)
