@@ -132,10 +132,10 @@ class _Window:
         """Window sample where the piece (one utterance) that ends at `until` begins."""
         return max((o for o, _ in self.pieces if o < until), default=0)
 
-    def piece_start_s(self, until: int) -> float:
-        """Stream time where the utterance that ends at window sample `until` begins."""
+    def piece_of(self, until: int) -> tuple[int, int]:
+        """(window, stream) sample where the piece (one utterance) that ends at `until` begins."""
         start = self.piece_start(until)
-        return next((s for o, s in self.pieces if o == start), self.pieces[0][1]) / SAMPLE_RATE
+        return next(((o, s) for o, s in self.pieces if o == start), self.pieces[0])
 
     def cut_out(self, start: int, end: int) -> None:
         """Remove window samples [start, end): one whole piece (later pieces move up)."""
@@ -293,7 +293,6 @@ class Session:
                 return []
         window = w.audio[: min(until, max_samples)]
         new_s = max(len(window) - w.committed_until(), 0) / SAMPLE_RATE
-        guards = self.config.guards
         request = WindowRequest(
             session_id=self.session_id,
             request_id=self._next_request,
@@ -305,8 +304,7 @@ class Session:
             language=self.language,
             task=self.task,
             final=bool(w.finals) and w.finals[0] <= max_samples,
-            # one token over the guard's budget, so the guard still sees (and counts) a runaway
-            max_tokens=int(guards.max_tokens_per_s * new_s) + guards.token_slack + 1,
+            max_tokens=self._max_tokens(new_s),
         )
         self._next_request += 1
         w.requested_until = len(window)
@@ -315,17 +313,22 @@ class Session:
         self.stats.audio_decoded_s += len(window) / SAMPLE_RATE
         return [request]
 
+    def _max_tokens(self, new_s: float) -> int:
+        """A decoder budget for `new_s` seconds of uncommitted audio: one token over the
+        guard's, so the guard still sees (and counts) a runaway."""
+        guards = self.config.guards
+        return int(guards.max_tokens_per_s * new_s) + guards.token_slack + 1
+
     def _alone_request(self, until: int) -> WindowRequest:
         """The final of the utterance ending at `until` with nothing before it: its own audio
         only, no forced words, only the vocabulary as prompt."""
         w = self._window
-        start = w.piece_start(until)
+        start, stream = w.piece_of(until)
         audio = w.audio[start : min(until, start + int(MAX_WINDOW_S * SAMPLE_RATE))]
-        guards = self.config.guards
         request = WindowRequest(
             session_id=self.session_id,
             request_id=self._next_request,
-            pieces=((0, next(s for o, s in w.pieces if o == start)),),
+            pieces=((0, stream),),
             audio=audio,
             prompt=self.vocabulary,
             forced=(),
@@ -333,9 +336,7 @@ class Session:
             language=self.language,
             task=self.task,
             final=True,
-            max_tokens=int(guards.max_tokens_per_s * len(audio) / SAMPLE_RATE)
-            + guards.token_slack
-            + 1,
+            max_tokens=self._max_tokens(len(audio) / SAMPLE_RATE),
         )
         self._next_request += 1
         self._decode_alone = False
@@ -499,7 +500,8 @@ class Session:
             return False
         if w.committed_until() > w.piece_start(w.finals[0]):
             return False  # its words were committed by agreement: the final has nothing left
-        return w.speech_until_s[0] - w.piece_start_s(w.finals[0]) >= SILENCED_MIN_SPEECH_S
+        start_s = w.piece_of(w.finals[0])[1] / SAMPLE_RATE
+        return w.speech_until_s[0] - start_s >= SILENCED_MIN_SPEECH_S
 
     def _drop_if_wordless(self, end: int) -> int:
         """Cut the utterance that ends at `end` out of the window if it left no word (the
