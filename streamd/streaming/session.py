@@ -134,8 +134,7 @@ class _Window:
 
     def piece_of(self, until: int) -> tuple[int, int]:
         """(window, stream) sample where the piece (one utterance) that ends at `until` begins."""
-        start = self.piece_start(until)
-        return next(((o, s) for o, s in self.pieces if o == start), self.pieces[0])
+        return max((p for p in self.pieces if p[0] < until), default=self.pieces[0])
 
     def cut_out(self, start: int, end: int) -> None:
         """Remove window samples [start, end): one whole piece (later pieces move up)."""
@@ -306,12 +305,16 @@ class Session:
             final=bool(w.finals) and w.finals[0] <= max_samples,
             max_tokens=self._max_tokens(new_s),
         )
-        self._next_request += 1
         w.requested_until = len(window)
+        return [self._send(request)]
+
+    def _send(self, request: WindowRequest) -> WindowRequest:
+        """Put `request` in flight and count it."""
+        self._next_request += 1
         self._in_flight = request
         self.stats.requests += 1
-        self.stats.audio_decoded_s += len(window) / SAMPLE_RATE
-        return [request]
+        self.stats.audio_decoded_s += len(request.audio) / SAMPLE_RATE
+        return request
 
     def _max_tokens(self, new_s: float) -> int:
         """A decoder budget for `new_s` seconds of uncommitted audio: one token over the
@@ -338,13 +341,9 @@ class Session:
             final=True,
             max_tokens=self._max_tokens(len(audio) / SAMPLE_RATE),
         )
-        self._next_request += 1
         self._decode_alone = False
         self._alone_id = request.request_id
-        self._in_flight = request
-        self.stats.requests += 1
-        self.stats.audio_decoded_s += len(audio) / SAMPLE_RATE
-        return request
+        return self._send(request)
 
     def _alone_done(self, request: WindowRequest, result: WindowResult) -> None:
         """Words from the utterance decoded alone: its context silenced the decoder, so the
@@ -401,9 +400,7 @@ class Session:
             # Its context made the decoder loop: decode the same audio again without it (a
             # final is retried; a partial step's words come from the next step).
             self._forget_context()
-            w.tentative = []
-            self._last_result = None
-            self._set_partial(None)
+            self._clear_hypothesis()
             return
         if final:
             self._finish_utterance(words, result)
@@ -471,9 +468,7 @@ class Session:
         w = self._window
         if may_retry and self._silenced_by_context(result):
             self._decode_alone = True  # decode_requests asks for this final again
-            w.tentative = []
-            self._last_result = None
-            self._set_partial(None)
+            self._clear_hypothesis()
             return
         end = w.finals.pop(0)
         speech_until = w.speech_until_s.pop(0)
@@ -483,10 +478,14 @@ class Session:
         kept = [h for h in words if h.start < speech_until + HANGOVER_WORD_MARGIN_S]
         self.stats.guards.count("after_speech", len(words) - len(kept))
         self._commit(kept, result)
-        w.tentative = []
+        self._clear_hypothesis()
+        self._maybe_trim(self._drop_if_wordless(end) / SAMPLE_RATE)
+
+    def _clear_hypothesis(self) -> None:
+        """No tentative words any more: none to draft from, none on the caption."""
+        self._window.tentative = []
         self._last_result = None
         self._set_partial(None)
-        self._maybe_trim(self._drop_if_wordless(end) / SAMPLE_RATE)
 
     def _silenced_by_context(self, result: WindowResult) -> bool:
         """The decoder wrote nothing at all for an utterance with `SILENCED_MIN_SPEECH_S` of
