@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from streamd.session_flags import add_session_flags, session_config
+
 if TYPE_CHECKING:
     from streamd.mic import AudioSource, CaptureStats, InputDevice
     from streamd.models.loader import LoadedModel
@@ -42,24 +44,23 @@ def add_parser(
     m.add_argument("--list-devices", action="store_true", help="list audio inputs and exit")
     m.add_argument("--jsonl", action="store_true", help="one protocol v1 event per line")
     m.add_argument("--prompt", default=None, help="vocabulary prompt for this stream")
-    m.add_argument("--step-ms", type=int, default=None, help="decode every N ms of new speech")
+    add_session_flags(m)
 
 
 def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedModel]) -> int:
     """List devices, or capture from the chosen one until Ctrl-C; `load` gives the model."""
     from streamd import mic
     from streamd.captions import EventPrinter
-    from streamd.streaming.config import SessionConfig
     from streamd.streaming.session import Session
     from streamd.streaming.window_decoder import WindowDecoder
 
     if args.list_devices:
         _print_devices(mic.list_input_devices())
         return 0
+    config = session_config(args)  # bad flags and a missing device fail before the model loads
     # the device is checked before the model loads: a missing microphone fails in an instant
     source = mic.open_input(args.input_device, on_drop=_warn_dropped)
     model = load(args)
-    config = SessionConfig() if args.step_ms is None else SessionConfig(step_ms=args.step_ms)
     vocabulary: tuple[int, ...] = ()
     if args.prompt:
         vocabulary = tuple(model.tokenizer(args.language).encode(" " + args.prompt.strip()))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from streamd.errors import ConfigError
+from streamd.session_flags import add_session_flags, session_config
 
 if TYPE_CHECKING:
     from streamd.models.loader import LoadedModel
@@ -25,7 +26,7 @@ def add_parser(
     r.add_argument("--realtime", action="store_true", help="feed at wall-clock pace")
     r.add_argument("--jsonl", action="store_true", help="one protocol v1 event per line")
     r.add_argument("--prompt", default=None, help="vocabulary prompt for this stream")
-    r.add_argument("--step-ms", type=int, default=None, help="decode every N ms of new speech")
+    add_session_flags(r)
     r.add_argument(
         "--encoder-buckets",
         default="30",
@@ -42,7 +43,6 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
     from streamd.audio import load_audio
     from streamd.captions import EventPrinter
     from streamd.decoding.result import Segment, Transcript
-    from streamd.streaming.config import SessionConfig
     from streamd.streaming.events import Final
     from streamd.streaming.replay import Emitted, replay_realtime, replay_virtual
     from streamd.streaming.session import Session
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
 
     if args.format and args.output_dir is None:
         raise ConfigError("--format needs --output-dir")
+    config = session_config(args)  # a bad flag fails before the model loads
     audio = load_audio(args.file)
     model = load(args)
     try:
@@ -62,7 +63,6 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
     from streamd.cli import encoder_precision
 
     decoder = WindowDecoder(model, buckets_s=buckets, encoder_precision=encoder_precision(args))
-    config = SessionConfig() if args.step_ms is None else SessionConfig(step_ms=args.step_ms)
     vocabulary: tuple[int, ...] = ()
     if args.prompt:
         vocabulary = tuple(model.tokenizer(args.language).encode(" " + args.prompt.strip()))

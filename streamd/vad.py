@@ -33,6 +33,8 @@ _SILENT_DBFS = -100.0  # level given to digital silence, so arithmetic on levels
 # enough to span the pauses between words, short enough to follow a fan that starts.
 _NOISE_FLOOR_WINDOW_MS = 1_500
 _INT16_MAX = 32_767
+# level_offset_db range: beyond -30 dB a "quiet microphone" is noise at normal gain
+LEVEL_OFFSET_DB = (-30.0, 20.0)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,11 @@ class VadConfig:
     loud_dbfs: float = -23.0
     min_presence_db: float = -15.0
     confirm_hold_ms: int = 1_000
+    # The input's level against a close microphone at normal gain, in dB: added to the three
+    # absolute levels above (min_voiced_dbfs, min_foreground_dbfs, loud_dbfs). A microphone 6 dB
+    # quieter needs -6. Set by hand: following the talker's level automatically lets murmur in
+    # next to a quiet talker (docs/vad.md, "Input level").
+    level_offset_db: float = 0.0
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -85,6 +92,11 @@ class VadConfig:
             )
         if self.snr_db < 0:
             problems.append(f"snr_db must be >= 0, got {self.snr_db}")
+        if not LEVEL_OFFSET_DB[0] <= self.level_offset_db <= LEVEL_OFFSET_DB[1]:
+            problems.append(
+                f"level_offset_db must be in [{LEVEL_OFFSET_DB[0]:g}, {LEVEL_OFFSET_DB[1]:g}], "
+                f"got {self.level_offset_db:g}"
+            )
         if problems:
             raise ConfigError("invalid VAD config: " + "; ".join(problems))
 
@@ -150,6 +162,10 @@ class VadGate:
         self._preroll = SAMPLE_RATE * config.preroll_ms // 1000
         self._hangover = SAMPLE_RATE * config.hangover_ms // 1000
         self._confirm_hold = SAMPLE_RATE * config.confirm_hold_ms // 1000
+        offset = config.level_offset_db
+        self._min_voiced_dbfs = config.min_voiced_dbfs + offset
+        self._min_foreground_dbfs = config.min_foreground_dbfs + offset
+        self._loud_dbfs = config.loud_dbfs + offset
         self._window_frames = config.start_window_ms // config.frame_ms
         # Outside speech: the start window, plus enough older frames to supply the pre-roll.
         preroll_frames = -(-self._preroll // self._frame_len)
@@ -227,12 +243,12 @@ class VadGate:
         start = self._grid
         self._grid += samples.size
         floor = self._noise_floor_dbfs(level)
-        voiced = level >= max(
-            config.min_voiced_dbfs, floor + config.snr_db
-        ) and self._vad.is_speech(_to_pcm16(samples), SAMPLE_RATE)
+        voiced = level >= max(self._min_voiced_dbfs, floor + config.snr_db) and self._vad.is_speech(
+            _to_pcm16(samples), SAMPLE_RATE
+        )
         self._bands.append((high, low) if voiced else (0.0, 0.0))
-        foreground = voiced and level >= config.min_foreground_dbfs
-        if foreground and level < config.loud_dbfs:
+        foreground = voiced and level >= self._min_foreground_dbfs
+        if foreground and level < self._loud_dbfs:
             high_sum = sum(band[0] for band in self._bands)
             low_sum = sum(band[1] for band in self._bands)
             foreground = high_sum >= low_sum * 10.0 ** (config.min_presence_db / 10.0)

@@ -460,8 +460,16 @@ def test_captions_from_fake_microphone(daemon: Daemon, browser: webdriver.Chrome
     [
         ({"token": "wrong"}, "missing or wrong token [unauthorized]"),
         ({"token": TOKEN, "language": "ja"}, "English-only; language must be en [bad_message]"),
+        (
+            {"token": TOKEN, "level_offset_db": "-40"},
+            "level_offset_db must be a number of dB in [-30, 20] [bad_message]",
+        ),
+        (
+            {"token": TOKEN, "level_offset_db": "quiet"},
+            "level_offset_db must be a number of dB in [-30, 20] [bad_message]",
+        ),
     ],
-    ids=["wrong-token", "language-the-model-lacks"],
+    ids=["wrong-token", "language-the-model-lacks", "level-out-of-range", "level-not-a-number"],
 )
 def test_refused_stream_shows_the_error(
     daemon: Daemon, browser: webdriver.Chrome, params: dict[str, str], expected: str

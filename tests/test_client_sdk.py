@@ -535,7 +535,7 @@ def test_resume_after_a_drop_skips_finals_already_delivered() -> None:
     async def scenario() -> None:
         async with (
             ScriptedServer(first, resumed) as server,
-            streamd_client.connect(server.url, reconnect=FAST) as stream,
+            streamd_client.connect(server.url, reconnect=FAST, level_offset_db=-6.0) as stream,
         ):
             got: list[Any] = []
             async for event in stream:
@@ -546,6 +546,8 @@ def test_resume_after_a_drop_skips_finals_already_delivered() -> None:
             assert [type(e).__name__ for e in got] == ["Ready", "Final", "Final", "Final", "Closed"]
             assert [e.text for e in got if isinstance(e, Final)] == [" one", " two", " three"]
             assert server.starts[1]["resume"] == {"session": "s1", "after_seq": 2}
+            # the microphone is the same after a resume
+            assert [start["level_offset_db"] for start in server.starts] == [-6.0, -6.0]
             assert stream.session == "s1" and stream.reconnects == 1 and stream.last_seq == 4
 
     run(scenario(), WAIT_S * 3)

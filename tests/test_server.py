@@ -320,6 +320,26 @@ def test_8khz_telephone_audio(daemon: Daemon) -> None:
     )
 
 
+def test_a_quiet_microphone_says_its_level_in_start(daemon: Daemon) -> None:
+    """The same telephone sentences 6 dB quieter: the VAD's level thresholds miss whole
+    sentences, unless the client's `start` says its input is 6 dB down (`level_offset_db`);
+    then they come through as at full level. The offset is the session's own."""
+    loud = np.frombuffer(pcm_of(HARVARD_8K, rate=8_000), dtype="<i2")
+    pcm = (loud // 2).astype("<i2").tobytes()
+    reference = words(_manifest_reference("en/osr_harvard_list72_8khz.wav")[0])
+
+    def error_rate(**start: Any) -> float:
+        client, _, closed = run(transcribe(daemon.ws_url, pcm, sample_rate=8_000, **start))
+        assert closed["reason"] == "end" and not client.of_type("error"), client.brief()
+        return float(jiwer.wer(reference, words(client.text())))
+
+    told = error_rate(level_offset_db=-6)
+    untold = error_rate()
+    print(f"quiet Harvard WER: told {told:.3f}, untold {untold:.3f}")
+    assert told <= 0.25
+    assert untold >= told + 0.1
+
+
 def _manifest_reference(file: str) -> list[str]:
     entries = json.loads((AUDIO_DIR / "manifest.json").read_text(encoding="utf-8"))
     return [e["reference"] for e in entries if e["file"] == file]

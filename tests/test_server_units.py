@@ -308,6 +308,7 @@ def test_parse_start_defaults_and_fields() -> None:
                 "language": " JA ",
                 "prompt": " Okabe ",
                 "resume": {"session": "abcdef12", "after_seq": 4},
+                "level_offset_db": -6,
             }
         )
     )
@@ -319,6 +320,7 @@ def test_parse_start_defaults_and_fields() -> None:
         "Okabe",
     )
     assert start.resume is not None and start.resume.after_seq == 4
+    assert start.level_offset_db == -6.0
     assert parse_client_message('{"type": "finalize"}') == Finalize()
     assert parse_client_message('{"type": "end"}') == End()
 
@@ -337,6 +339,9 @@ def test_parse_start_defaults_and_fields() -> None:
         ('{"type": "start", "task": "summarize"}', "bad_message", "task"),
         ('{"type": "start", "resume": {"session": "../etc"}}', "bad_message", "session id"),
         ('{"type": "start", "prompt": 5}', "bad_message", "prompt"),
+        ('{"type": "start", "level_offset_db": -40}', "bad_message", "level_offset_db"),
+        ('{"type": "start", "level_offset_db": "-6"}', "bad_message", "level_offset_db"),
+        ('{"type": "start", "level_offset_db": NaN}', "bad_message", "level_offset_db"),
     ],
 )
 def test_parse_errors_carry_a_code(text: str, code: str, needle: str) -> None:

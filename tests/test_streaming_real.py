@@ -118,6 +118,40 @@ def test_replay_cli_jsonl(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     assert "-->" in srt and "belly" in srt.lower()
 
 
+def test_replay_cli_level_offset_for_a_quiet_recording(
+    capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    """A recording 6 dB down replayed with `--level-offset-db -6` comes out whole; an offset
+    out of range is a one-line error, not a traceback."""
+    import wave
+
+    from streamd.audio import load_audio
+    from tests.audio_fixtures import shared_audio_dir
+
+    file = "en/osr_harvard_list72_8khz.wav"
+    quiet = np.round(load_audio(shared_audio_dir() / file) * 0.5 * 32767).astype("<i2")
+    path = tmp_path / "quiet.wav"
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16_000)
+        out.writeframes(quiet.tobytes())
+    reference = [
+        e["reference"]
+        for e in json.loads((shared_audio_dir() / "manifest.json").read_text(encoding="utf-8"))
+        if e["file"] == file
+    ]
+
+    assert main(["replay", str(path), "--level-offset-db", "-6"]) == 0
+    told = error_rate(reference, [capsys.readouterr().out], "en")
+    assert main(["replay", str(path)]) == 0
+    untold = error_rate(reference, [capsys.readouterr().out], "en")
+    assert told <= 0.1 and untold >= told + 0.05, (told, untold)
+
+    assert main(["replay", str(path), "--level-offset-db", "-40"]) == 1  # a ConfigError
+    assert "level_offset_db must be in [-30, 20]" in capsys.readouterr().err
+
+
 def test_replay_cli_captions_on_a_pipe(capsys: pytest.CaptureFixture[str]) -> None:
     from tests.audio_fixtures import shared_audio_dir
 

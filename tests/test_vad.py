@@ -253,6 +253,8 @@ def test_idle_flush_drops_a_partial_frame_silently() -> None:
         {"hangover_ms": -30},
         {"confirm_hold_ms": 500},  # shorter than the hangover
         {"snr_db": -3.0},
+        {"level_offset_db": -31.0},
+        {"level_offset_db": 21.0},
     ],
 )
 def test_invalid_config_raises_config_error(changes: dict[str, object]) -> None:
@@ -282,3 +284,28 @@ def test_shorter_frames_also_gate_murmur_and_pass_speech(frame_ms: int) -> None:
     (utt,) = utterances(realtime_chunks(VadGate(config), audio), audio)
     first_voice = offset + int(np.flatnonzero(synth.voiced_mask(synth.clip(file)))[0]) * 160
     assert first_voice - PREROLL - START_WINDOW <= utt.start <= first_voice - PREROLL // 2
+
+
+def voiced_coverage(file: str, gain: float, config: VadConfig) -> float:
+    """Share of the clip's voiced 10 ms frames (the reference) passed, the clip scaled by
+    `gain` (a microphone that much quieter)."""
+    audio, offset = padded_clip(file)
+    audio = (audio * gain).astype(np.float32)
+    reference = synth.voiced_mask(synth.clip(file))
+    utts = utterances(realtime_chunks(VadGate(config), audio), audio)
+    covered = coverage(utts, audio.size)[offset : offset + reference.size * 160]
+    frame_covered = np.asarray(covered.reshape(-1, 160).all(axis=1))
+    return float(frame_covered[reference].mean())
+
+
+def test_a_quiet_microphone_is_heard_whole_with_its_level_offset() -> None:
+    """The Harvard clip is telephone speech, loud but dull: at 6 dB less gain its quieter
+    sentences are neither loud nor bright, and are lost. Saying the input is 6 dB down moves
+    every level threshold with it, and murmur at that lower gain still stays out."""
+    file = "en/osr_harvard_list72_8khz.wav"
+    quiet = VadConfig(level_offset_db=-6.0)
+    assert voiced_coverage(file, 1.0, DEFAULT) == 1.0
+    assert voiced_coverage(file, 0.5, DEFAULT) < 0.9  # 0.872 measured
+    assert voiced_coverage(file, 0.5, quiet) == 1.0
+    murmur = synth.murmur(120, dbfs=synth.MURMUR_DBFS - 6.0, seed=5)
+    assert realtime_chunks(VadGate(quiet), murmur) == []

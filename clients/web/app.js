@@ -15,7 +15,16 @@ const settings = {
   token: params.get("token") || null,
   language: params.get("language")?.trim() || null,
   autostart: ["1", "true", "yes"].includes((params.get("autostart") ?? "").toLowerCase()),
+  levelOffsetDb: levelOffset(params.get("level_offset_db")),
 };
+
+// A number goes to `start` as a number; anything else goes as it is, so that the daemon refuses
+// it and the page shows why (rather than dropping a typo silently).
+function levelOffset(value) {
+  if (value === null) return undefined;
+  const number = Number(value);
+  return value.trim() !== "" && Number.isFinite(number) ? number : value;
+}
 
 const ui = {
   body: document.body,
@@ -49,6 +58,7 @@ async function start() {
       encoding: "pcm_s16le",
       channels: 1,
       language: settings.language,
+      level_offset_db: settings.levelOffsetDb, // left out of the JSON when undefined
     },
     onMessage: showMessage,
     onState: showState,

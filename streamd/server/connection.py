@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -276,8 +276,16 @@ class StreamConnection:
         vocabulary = self.s.encode_prompt(language, start.prompt) if start.prompt else ()
         if len(vocabulary) > MAX_PROMPT_TOKENS:
             vocabulary = vocabulary[-MAX_PROMPT_TOKENS:]  # the latest words matter most
+        session_config = cfg.session
+        if start.level_offset_db is not None:  # the client knows its microphone
+            vad = replace(session_config.vad, level_offset_db=start.level_offset_db)
+            session_config = replace(session_config, vad=vad)
         self.session = Session(
-            cfg.session, self.session_id, language=language, task=start.task, vocabulary=vocabulary
+            session_config,
+            self.session_id,
+            language=language,
+            task=start.task,
+            vocabulary=vocabulary,
         )
         self._pcm = PcmDecoder(start)
         self._journal = self.s.journal.open(self.session_id, self.s.model_name)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamd.errors import ClientError
+from streamd.vad import LEVEL_OFFSET_DB
 
 ENCODINGS = ("pcm_s16le", "pcm_f32le")
 MIN_SAMPLE_RATE = 8_000
@@ -46,6 +47,7 @@ class Start:
     task: str = "transcribe"
     prompt: str | None = None
     resume: Resume | None = None
+    level_offset_db: float | None = None  # None: the daemon's vad.level_offset_db
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,17 @@ def parse_client_message(text: str) -> ClientMessage:
 
 
 def _start(data: dict[str, Any]) -> Start:
-    known = {"type", "sample_rate", "encoding", "channels", "language", "task", "prompt", "resume"}
+    known = {
+        "type",
+        "sample_rate",
+        "encoding",
+        "channels",
+        "language",
+        "task",
+        "prompt",
+        "resume",
+        "level_offset_db",
+    }
     unknown = sorted(set(data) - known)
     if unknown:
         raise ProtocolError("bad_message", f"start: unknown fields {unknown}")
@@ -126,7 +138,20 @@ def _start(data: dict[str, Any]) -> Start:
         task=task,
         prompt=prompt.strip() or None if prompt else None,
         resume=_resume(data.get("resume")),
+        level_offset_db=_level_offset(data.get("level_offset_db")),
     )
+
+
+def _level_offset(value: Any) -> float | None:
+    """The client's input level against a close microphone (dB), within VadConfig's range."""
+    if value is None:
+        return None
+    low, high = LEVEL_OFFSET_DB
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ProtocolError(
+            "bad_message", f"start: level_offset_db must be a number of dB in [{low:g}, {high:g}]"
+        )
+    return float(value)
 
 
 def _resume(value: Any) -> Resume | None:

@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--language", default=None, help="e.g. en, ja; default: detect")
     common.add_argument("--task", choices=("transcribe", "translate"), default="transcribe")
     common.add_argument("--prompt", default=None, help="vocabulary: names, jargon")
+    common.add_argument(
+        "--level-offset-db",
+        type=float,
+        default=None,
+        metavar="DB",
+        help="input level against a close microphone at normal gain, e.g. -6 for a quiet one",
+    )
     common.add_argument("--jsonl", action="store_true", help="print every event as a JSON line")
     common.add_argument(
         "--no-reconnect", action="store_true", help="fail instead of reconnecting after a drop"
@@ -120,6 +127,7 @@ async def _run(
         language=args.language,
         task=args.task,
         prompt=args.prompt,
+        level_offset_db=args.level_offset_db,
         reconnect=not args.no_reconnect,
     ) as stream:
         with _first_interrupt_sets(stop):

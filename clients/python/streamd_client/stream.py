@@ -87,6 +87,8 @@ class StreamOptions:
     language: str | None = None  # None: the daemon detects it (or uses its default)
     task: str = "transcribe"  # or "translate" (to English)
     prompt: str | None = None  # vocabulary / context: names, jargon
+    # input level against a close microphone at normal gain (dB); None: the daemon's setting
+    level_offset_db: float | None = None
 
     def __post_init__(self) -> None:
         if self.encoding not in ENCODINGS:
@@ -109,6 +111,8 @@ class StreamOptions:
         }
         if self.prompt:
             message["prompt"] = self.prompt
+        if self.level_offset_db is not None:
+            message["level_offset_db"] = self.level_offset_db
         return message
 
 
@@ -122,6 +126,7 @@ def connect(
     language: str | None = None,
     task: str = "transcribe",
     prompt: str | None = None,
+    level_offset_db: float | None = None,
     reconnect: bool | ReconnectPolicy = True,
     max_buffer_s: float = 30.0,
     open_timeout_s: float = OPEN_TIMEOUT_S,
@@ -131,6 +136,8 @@ def connect(
     """A stream to the daemon at `url`; `async with` it to connect (it returns after `ready`).
 
     token: sent as `Authorization: Bearer`; a wrong one raises UnauthorizedError on entry.
+    level_offset_db: how much quieter (negative) than a close microphone at normal gain the
+        audio is, e.g. -6; the daemon's VAD moves its level thresholds by it.
     reconnect: True for the default ReconnectPolicy, a policy of your own, or False to fail with
         ConnectionLostError when the connection drops.
     max_buffer_s: audio (seconds) held while disconnected; beyond it send() raises
@@ -141,7 +148,9 @@ def connect(
 
     Raises on entry: UnauthorizedError, BusyError, other ServerError, ConnectError.
     """
-    options = StreamOptions(sample_rate, encoding, channels, language, task, prompt)
+    options = StreamOptions(
+        sample_rate, encoding, channels, language, task, prompt, level_offset_db
+    )
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.netloc:
         raise ValueError(f"url must be ws://HOST:PORT/v1/stream or wss://..., got {url!r}")
