@@ -23,8 +23,8 @@ def event_message(event: Event, seq: int) -> dict[str, Any]:
     match event:
         case SpeechStarted(t=t):
             return {"type": "speech_started", "seq": seq, "t": _t(t)}
-        case SpeechEnded(t=t):
-            return {"type": "speech_ended", "seq": seq, "t": _t(t)}
+        case SpeechEnded(t=t, level_dbfs=level):
+            return {"type": "speech_ended", "seq": seq, "t": _t(t), "level_dbfs": level}
         case Partial(segment=segment, start=start, end=end, text=text):
             return {
                 "type": "partial",

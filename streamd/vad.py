@@ -123,11 +123,14 @@ class SpeechAudio:
 class SpeechEnded:
     """The utterance's audio ends at `sample` (hangover included); voice last heard at
     `last_voiced_sample` (the end of the last voiced frame), which is where its words end, and
-    last confirmed as foreground speech at `last_foreground_sample` (no later than that)."""
+    last confirmed as foreground speech at `last_foreground_sample` (no later than that).
+    `level_dbfs`: how loud the talker reached the microphone, the 90th percentile of the RMS
+    levels of the utterance's voiced frames (None from a gate that does not measure it)."""
 
     sample: int
     last_voiced_sample: int
     last_foreground_sample: int = -1
+    level_dbfs: float | None = None
 
 
 VadEvent = SpeechStarted | SpeechAudio | SpeechEnded
@@ -137,6 +140,7 @@ VadEvent = SpeechStarted | SpeechAudio | SpeechEnded
 class _Frame:
     start: int
     samples: np.ndarray
+    level: float  # dBFS
     voiced: bool
     foreground: bool
 
@@ -183,6 +187,7 @@ class VadGate:
         self._emitted_until = 0  # end of the last utterance: pre-roll never reaches before it
         self._last_voiced_end = 0
         self._last_foreground_end = 0
+        self._voiced_levels: list[float] = []  # of the open utterance's voiced frames
 
     @property
     def samples_seen(self) -> int:
@@ -252,7 +257,7 @@ class VadGate:
             high_sum = sum(band[0] for band in self._bands)
             low_sum = sum(band[1] for band in self._bands)
             foreground = high_sum >= low_sum * 10.0 ** (config.min_presence_db / 10.0)
-        return _Frame(start, samples, voiced, foreground)
+        return _Frame(start, samples, level, voiced, foreground)
 
     def _noise_floor_dbfs(self, level: float) -> float:
         """Add this frame's level to the window and return the window's minimum."""
@@ -270,6 +275,7 @@ class VadGate:
             out.audio(frame.start, frame.samples)
             if frame.voiced:
                 self._last_voiced_end = frame.end
+                self._voiced_levels.append(frame.level)
             if frame.foreground:
                 self._last_foreground_end = frame.end
             quiet_for = frame.end - self._last_voiced_end
@@ -292,12 +298,14 @@ class VadGate:
             if old.end > start:
                 out.audio(max(old.start, start), old.samples[max(start - old.start, 0) :])
         self._in_speech = True
+        self._voiced_levels = [f.level for f in voiced]
         self._last_voiced_end = voiced[-1].end
         self._last_foreground_end = max(f.end for f in voiced if f.foreground)
         self._recent.clear()
 
     def _end(self, at: int, out: _EventBuilder) -> None:
-        out.end(SpeechEnded(at, self._last_voiced_end, self._last_foreground_end))
+        level = round(float(np.percentile(self._voiced_levels, 90)), 1)
+        out.end(SpeechEnded(at, self._last_voiced_end, self._last_foreground_end, level))
         self._in_speech = False
         self._emitted_until = at
 

@@ -259,6 +259,16 @@ def fake_mic_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return wav
 
 
+@pytest.fixture(scope="module")
+def quiet_mic_wav(fake_mic_wav: Path) -> Path:
+    """The same microphone 18 dB quieter: its speech at about -27 to -31 dBFS."""
+    wav = fake_mic_wav.with_name("jfk-48k-quiet.wav")
+    subprocess.run(
+        [str(shutil.which("sox")), str(fake_mic_wav), str(wav), "vol", "-18dB"], check=True
+    )
+    return wav
+
+
 def chromium(fake_mic: Path) -> webdriver.Chrome:
     """Headless Chromium through /usr/bin/chromedriver (never Selenium Manager: no internet)."""
     options = webdriver.ChromeOptions()
@@ -441,6 +451,7 @@ def test_captions_from_fake_microphone(daemon: Daemon, browser: webdriver.Chrome
     assert seqs == sorted(set(seqs)), f"finals out of order or repeated: {seqs}"
     details = browser.find_element(By.ID, "details").text
     assert "tiny.en" in details and "→ 16 kHz" in details, details
+    assert not browser.find_element(By.ID, "hint").is_displayed()  # a normal level
 
     keep_screenshot(browser, "captions.png")
 
@@ -453,6 +464,26 @@ def test_captions_from_fake_microphone(daemon: Daemon, browser: webdriver.Chrome
     text = finals_text(browser)
     expected = rf"and so (\w+ ){{1,2}}{FIRST_WORDS} {PHRASE} {LAST_WORDS}"
     assert re.fullmatch(expected, text), f"words repeated, lost or reordered: {text!r}"
+
+
+def test_a_quiet_microphone_is_pointed_out(daemon: Daemon, quiet_mic_wav: Path) -> None:
+    """18 dB down, the speech_ended levels are under -26 dBFS: the page says the microphone is
+    quiet and which level_offset_db to add; with it in the address, it says nothing."""
+    driver = chromium(quiet_mic_wav)
+    try:
+        driver.get(page_url(daemon.http_url, autostart="1", token=TOKEN))
+        hint = driver.find_element(By.ID, "hint")
+        wait_until(driver, lambda d: hint.is_displayed(), CAPTIONS_TIMEOUT_S, "quiet hint")
+        found = re.search(r"speech at (-\d+) dBFS.*level_offset_db=(-\d+)", hint.text)
+        assert found, hint.text
+        level, offset = int(found[1]), int(found[2])
+        assert -34 <= level <= -26 and offset == level + 20, hint.text
+        driver.get(page_url(daemon.http_url, autostart="1", token=TOKEN, level_offset_db="-8"))
+        wait_until(driver, lambda d: finals_text(d), CAPTIONS_TIMEOUT_S, "a final")
+        wait_until(driver, lambda d: PHRASE in finals_text(d), CAPTIONS_TIMEOUT_S, PHRASE)
+        assert not driver.find_element(By.ID, "hint").is_displayed()
+    finally:
+        driver.quit()
 
 
 @pytest.mark.parametrize(

@@ -110,7 +110,7 @@ MESSAGES = [
     {"type": "ready", "seq": 0, "session": "ab12", "protocol": 1, "model": "tiny.en",
      "sample_rate": 16000, "resumed": True, "audio_s": 2.5},
     {"type": "speech_started", "seq": 1, "t": 0.0},
-    {"type": "speech_ended", "seq": 2, "t": 2},
+    {"type": "speech_ended", "seq": 2, "t": 2, "level_dbfs": -21.5},
     {"type": "partial", "seq": 3, "segment": 0, "start": 0.0, "end": 0.96, "text": " And so"},
     FINAL_MESSAGE,
     {"type": "error", "seq": 8, "code": "bad_audio", "message": "odd bytes", "fatal": False},
@@ -124,7 +124,10 @@ def test_parse_gives_typed_events_with_every_field() -> None:
     older = {k: v for k, v in MESSAGES[0].items() if k != "audio_s"}  # a daemon from before it
     assert parse_event(older) == Ready(0, "ab12", 1, "tiny.en", 16000, resumed=True, audio_s=None)
     assert events[1] == SpeechStarted(1, 0.0)
-    assert events[2] == SpeechEnded(2, 2.0) and isinstance(events[2].t, float)
+    assert events[2] == SpeechEnded(2, 2.0, -21.5) and isinstance(events[2].t, float)
+    older_end = {k: v for k, v in MESSAGES[2].items() if k != "level_dbfs"}
+    assert parse_event(older_end) == SpeechEnded(2, 2.0, None)
+    assert parse_event({**MESSAGES[2], "level_dbfs": None}) == SpeechEnded(2, 2.0, None)
     assert events[3] == Partial(3, 0, 0.0, 0.96, " And so")
     assert events[4] == Final(
         seq=7,
@@ -166,6 +169,7 @@ def test_an_unknown_type_is_an_unknown_event_not_an_error() -> None:
         (json.dumps({**FINAL_MESSAGE, "words": [{"word": " x", "start": 0}]}), "word"),
         (json.dumps({**FINAL_MESSAGE, "language": 3}), "'language'"),
         (json.dumps({**MESSAGES[0], "audio_s": "2.5"}), "'audio_s' should be a number"),
+        (json.dumps({**MESSAGES[2], "level_dbfs": "loud"}), "'level_dbfs' should be a number"),
     ],
 )
 def test_a_malformed_known_message_is_a_protocol_error(message: str, complaint: str) -> None:

@@ -328,12 +328,17 @@ def test_a_quiet_microphone_says_its_level_in_start(daemon: Daemon) -> None:
     pcm = (loud // 2).astype("<i2").tobytes()
     reference = words(_manifest_reference("en/osr_harvard_list72_8khz.wav")[0])
 
+    levels: list[float] = []
+
     def error_rate(**start: Any) -> float:
         client, _, closed = run(transcribe(daemon.ws_url, pcm, sample_rate=8_000, **start))
         assert closed["reason"] == "end" and not client.of_type("error"), client.brief()
+        levels[:] = [m["level_dbfs"] for m in client.of_type("speech_ended")]
         return float(jiwer.wer(reference, words(client.text())))
 
     told = error_rate(level_offset_db=-6)
+    # speech_ended says how loud the talker was: ~6 dB under the clip's -17..-24 dBFS
+    assert levels and -29.0 <= float(np.median(levels)) <= -23.0, levels
     untold = error_rate()
     print(f"quiet Harvard WER: told {told:.3f}, untold {untold:.3f}")
     assert told <= 0.25
@@ -912,14 +917,15 @@ def test_metrics_exposes_the_daemon_metrics(daemon: Daemon) -> None:
     run(wait_sessions(daemon, 0))  # no earlier session still finishing moves the counters
     before = metrics(daemon)
 
-    async def scenario() -> None:
+    async def scenario() -> StreamClient:
         async with stream_client(daemon.ws_url) as client:
             await client.start()
             await client.send_audio(pcm)
             await client.send_json("{bad")
             await client.end()
+        return client
 
-    run(scenario())
+    client = run(scenario())
     status, headers, body = http_get(daemon, "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     text = body.decode()
@@ -939,6 +945,7 @@ def test_metrics_exposes_the_daemon_metrics(daemon: Daemon) -> None:
         "streamd_finals_total",
         "# TYPE streamd_guard_dropped_words_total counter",
         "streamd_context_resets_total",
+        "streamd_speech_level_dbfs_bucket",
         'streamd_errors_total{code="bad_message"}',
     ):
         assert name in text, f"{name} missing from /metrics:\n{text}"
@@ -954,6 +961,12 @@ def test_metrics_exposes_the_daemon_metrics(daemon: Daemon) -> None:
     assert delta("streamd_finalization_latency_seconds_count") == delta("streamd_finals_total")
     assert delta("streamd_decode_batch_size_count") >= 1
     assert delta("streamd_decoder_forward_passes_total") >= 1
+    ended = client.of_type("speech_ended")
+    assert ended and delta("streamd_speech_level_dbfs_count") == len(ended)
+    # (no _sum: prometheus_client leaves it out of histograms with negative buckets)
+    for bound in ("-50.0", "-26.0", "-14.0", "-6.0"):
+        below = sum(m["level_dbfs"] <= float(bound) for m in ended)
+        assert delta("streamd_speech_level_dbfs_bucket", le=bound) == below, (bound, ended)
     assert sample(after, "streamd_active_sessions") >= 0
     for s in after["streamd_guard_dropped_words"].samples:
         assert s.labels.get("guard"), s  # one series per guard

@@ -309,3 +309,25 @@ def test_a_quiet_microphone_is_heard_whole_with_its_level_offset() -> None:
     assert voiced_coverage(file, 0.5, quiet) == 1.0
     murmur = synth.murmur(120, dbfs=synth.MURMUR_DBFS - 6.0, seed=5)
     assert realtime_chunks(VadGate(quiet), murmur) == []
+
+
+def test_speech_ended_says_how_loud_the_talker_was() -> None:
+    """With the offset that matches the gain, the gate cuts the same utterances at 6 dB less,
+    and reports each 6 dB quieter (the level of its voiced frames; webrtcvad, not quite
+    level-free, can make a frame or two more or less voiced)."""
+    audio, _ = padded_clip("en/osr_harvard_list72_8khz.wav")
+
+    def ends(gain: float, config: VadConfig) -> list[SpeechEnded]:
+        scaled = (audio * gain).astype(np.float32)
+        return [e for e in realtime_chunks(VadGate(config), scaled) if isinstance(e, SpeechEnded)]
+
+    full = ends(1.0, DEFAULT)
+    quiet = ends(0.5, VadConfig(level_offset_db=-6.0))
+    assert [e.sample for e in quiet] == [e.sample for e in full]
+    differences = []
+    for loud, soft in zip(full, quiet, strict=True):
+        assert loud.level_dbfs is not None and soft.level_dbfs is not None
+        differences.append(loud.level_dbfs - soft.level_dbfs)
+    assert all(5.0 <= d <= 7.0 for d in differences), differences
+    assert float(np.median(differences)) == pytest.approx(6.0, abs=0.15)
+    assert all(-26.0 <= e.level_dbfs <= -15.0 for e in full if e.level_dbfs is not None)

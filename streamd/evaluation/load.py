@@ -90,7 +90,7 @@ def protocol_events(messages: Sequence[Message]) -> list[Emitted]:
         elif m["type"] == "partial":
             event = Partial(m["segment"], m["start"], m["end"], m["text"])
         elif m["type"] == "speech_ended":
-            event = SpeechEnded(m["t"])
+            event = SpeechEnded(m["t"], m.get("level_dbfs"))
         else:
             continue
         out.append(Emitted(event, at))

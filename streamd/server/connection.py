@@ -462,6 +462,8 @@ class StreamConnection:
                 self._speech_started_at = self._arrival(event.t)
             case SpeechEnded():
                 self.s.scheduler.promote(self.session_id)
+                if event.level_dbfs is not None:
+                    self.s.metrics.speech_level.observe(event.level_dbfs)
             case Partial() | Final() if self._speech_started_at is not None:
                 self.s.metrics.first_partial_latency.observe(now - self._speech_started_at)
                 self._speech_started_at = None

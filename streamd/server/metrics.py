@@ -15,6 +15,7 @@ from streamd.server.scheduler import BatchReport
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS_S = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0)
+_LEVEL_BUCKETS_DBFS = (-50.0, -40.0, -35.0, -30.0, -26.0, -22.0, -18.0, -14.0, -10.0, -6.0)
 _STEP_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
 
@@ -55,6 +56,13 @@ class Metrics:
             "streamd_first_partial_latency_seconds",
             "Speech start -> the utterance's first partial or final (wall s)",
             buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.speech_level = Histogram(
+            "streamd_speech_level_dbfs",
+            "How loud talkers reach the microphone: each utterance's speech_ended level_dbfs "
+            "(below about -26, dull speech is lost unless vad.level_offset_db says so)",
+            buckets=_LEVEL_BUCKETS_DBFS,
             registry=r,
         )
         self.behind = Gauge(

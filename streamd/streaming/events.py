@@ -19,9 +19,13 @@ class SpeechStarted:
 
 @dataclass(frozen=True)
 class SpeechEnded:
-    """The VAD's hangover ran out; `t` is the end of the utterance's audio."""
+    """The VAD's hangover ran out; `t` is the end of the utterance's audio. `level_dbfs`: how
+    loud the talker reached the microphone (90th percentile of the voiced frames' RMS level;
+    None when the VAD does not say), so that a quiet input can be seen and told
+    (`VadConfig.level_offset_db`)."""
 
     t: float
+    level_dbfs: float | None = None
 
 
 @dataclass(frozen=True)

@@ -249,11 +249,11 @@ class Session:
                 self._events.append(SpeechStarted(sample / SAMPLE_RATE))
             case SpeechAudio(samples=samples):
                 w.audio = np.concatenate([w.audio, samples.astype(np.float32, copy=False)])
-            case VadEnded(sample=sample, last_foreground_sample=foreground):
+            case VadEnded(sample=sample, last_foreground_sample=foreground, level_dbfs=level):
                 w.speaking = False
                 w.finals.append(len(w.audio))
                 w.speech_until_s.append((foreground if foreground >= 0 else sample) / SAMPLE_RATE)
-                self._events.append(SpeechEnded(sample / SAMPLE_RATE))
+                self._events.append(SpeechEnded(sample / SAMPLE_RATE, level))
 
     # -- work for the engine ----------------------------------------------------------------------
 

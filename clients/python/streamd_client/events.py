@@ -60,6 +60,8 @@ class SpeechStarted:
 class SpeechEnded:
     seq: int
     t: float
+    # how loud the talker reached the microphone (dBFS); None from daemons that do not say
+    level_dbfs: float | None = None
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,10 @@ def parse_event(data: Any) -> Event:
         case "speech_started":
             return SpeechStarted(f.integer("seq"), f.number("t"))
         case "speech_ended":
-            return SpeechEnded(f.integer("seq"), f.number("t"))
+            level = f.data.get("level_dbfs")
+            return SpeechEnded(
+                f.integer("seq"), f.number("t"), None if level is None else f.number("level_dbfs")
+            )
         case "partial":
             return Partial(
                 f.integer("seq"),
