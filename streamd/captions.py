@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, TextIO
 
+from streamd.input_level import QuietInputJudge
+
 if TYPE_CHECKING:
     from streamd.streaming.replay import Emitted
 
@@ -48,25 +50,45 @@ class Captions:
 
 class EventPrinter:
     """Session events as `streamd replay` / `streamd mic` print them: captions, or (jsonl) one
-    protocol v1 message per line with `emitted_at`. Call with each event; `close()` at the end."""
+    protocol v1 message per line with `emitted_at`. Call with each event; `close()` at the end.
 
-    def __init__(self, out: TextIO, jsonl: bool) -> None:
+    warn: where to say (once) that the input is too quiet for the VAD, unless `level_told`
+    (the user gave --level-offset-db already)."""
+
+    def __init__(
+        self, out: TextIO, jsonl: bool, warn: TextIO | None = None, level_told: bool = False
+    ) -> None:
         self.out = out
         self.jsonl = jsonl
         self.captions = Captions(out)
         self.seq = 0
+        self.warn = warn
+        self.quiet = None if level_told or warn is None else QuietInputJudge()
 
     def __call__(self, item: Emitted) -> None:
         from streamd.protocol import event_message
 
         self.seq += 1
         message = event_message(item.event, self.seq)
+        if self.quiet is not None and message["type"] == "speech_ended":
+            self._judge_level(message["level_dbfs"])
         if self.jsonl:
             message["emitted_at"] = round(item.emitted_at, 3)
             self.out.write(json.dumps(message, ensure_ascii=False) + "\n")
             self.out.flush()
         else:
             self.captions.show(message)
+
+    def _judge_level(self, level_dbfs: float | None) -> None:
+        verdict = self.quiet.note(level_dbfs) if self.quiet is not None else None
+        if verdict is not None and self.warn is not None:
+            level, offset = verdict
+            self.warn.write(
+                f"streamd: the input is quiet (speech at {level} dBFS): quiet words can be "
+                f"missed; if they are, raise the input volume or add --level-offset-db {offset} "
+                "(docs/vad.md)\n"
+            )
+            self.warn.flush()
 
     def close(self) -> None:
         if not self.jsonl:

@@ -68,7 +68,9 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
     from streamd.cli import encoder_precision
 
     decoder = WindowDecoder(model, encoder_precision=encoder_precision(args))
-    on_event = EventPrinter(sys.stdout, args.jsonl)
+    on_event = EventPrinter(
+        sys.stdout, args.jsonl, warn=sys.stderr, level_told=args.level_offset_db != 0.0
+    )
 
     resampled = "" if source.rate_hz == 16000 else f", resampled from {source.rate_hz} Hz"
     print(

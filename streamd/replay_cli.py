@@ -67,7 +67,9 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
     if args.prompt:
         vocabulary = tuple(model.tokenizer(args.language).encode(" " + args.prompt.strip()))
     session = Session(config, language=args.language, vocabulary=vocabulary)
-    printer = EventPrinter(sys.stdout, args.jsonl)
+    printer = EventPrinter(
+        sys.stdout, args.jsonl, warn=sys.stderr, level_told=args.level_offset_db != 0.0
+    )
     finals: list[Final] = []
 
     def on_event(item: Emitted) -> None:

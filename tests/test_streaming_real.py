@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import numpy as np
@@ -131,11 +132,11 @@ def test_replay_cli_level_offset_for_a_quiet_recording(
     file = "en/osr_harvard_list72_8khz.wav"
     quiet = np.round(load_audio(shared_audio_dir() / file) * 0.5 * 32767).astype("<i2")
     path = tmp_path / "quiet.wav"
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(16_000)
-        out.writeframes(quiet.tobytes())
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16_000)
+        wav.writeframes(quiet.tobytes())
     reference = [
         e["reference"]
         for e in json.loads((shared_audio_dir() / "manifest.json").read_text(encoding="utf-8"))
@@ -143,10 +144,16 @@ def test_replay_cli_level_offset_for_a_quiet_recording(
     ]
 
     assert main(["replay", str(path), "--level-offset-db", "-6"]) == 0
-    told = error_rate(reference, [capsys.readouterr().out], "en")
+    out, err = capsys.readouterr()
+    told = error_rate(reference, [out], "en")
+    assert "quiet" not in err  # told already
     assert main(["replay", str(path)]) == 0
-    untold = error_rate(reference, [capsys.readouterr().out], "en")
+    out, err = capsys.readouterr()
+    untold = error_rate(reference, [out], "en")
     assert told <= 0.1 and untold >= told + 0.05, (told, untold)
+    # ... and replay says so, once, with the offset to give
+    assert err.count("the input is quiet") == 1, err
+    assert re.search(r"speech at -2\d dBFS.*--level-offset-db -\d ", err), err
 
     assert main(["replay", str(path), "--level-offset-db", "-40"]) == 1  # a ConfigError
     assert "level_offset_db must be in [-30, 20]" in capsys.readouterr().err
