@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import re
 import signal
 import time
 import uuid
@@ -323,26 +324,34 @@ def test_8khz_telephone_audio(daemon: Daemon) -> None:
 def test_a_quiet_microphone_says_its_level_in_start(daemon: Daemon) -> None:
     """The same telephone sentences 6 dB quieter: the VAD's level thresholds miss whole
     sentences, unless the client's `start` says its input is 6 dB down (`level_offset_db`);
-    then they come through as at full level. The offset is the session's own."""
+    then they come through as at full level. The offset is the session's own. A client that
+    did not say is told, once, by a non-fatal `quiet_input` error with the offset to send."""
     loud = np.frombuffer(pcm_of(HARVARD_8K, rate=8_000), dtype="<i2")
     pcm = (loud // 2).astype("<i2").tobytes()
     reference = words(_manifest_reference("en/osr_harvard_list72_8khz.wav")[0])
 
     levels: list[float] = []
+    notices: list[dict[str, Any]] = []
 
     def error_rate(**start: Any) -> float:
         client, _, closed = run(transcribe(daemon.ws_url, pcm, sample_rate=8_000, **start))
-        assert closed["reason"] == "end" and not client.of_type("error"), client.brief()
+        assert closed["reason"] == "end", client.brief()
+        notices[:] = client.of_type("error")
+        assert all(n["code"] == "quiet_input" and not n["fatal"] for n in notices), notices
         levels[:] = [m["level_dbfs"] for m in client.of_type("speech_ended")]
         return float(jiwer.wer(reference, words(client.text())))
 
     told = error_rate(level_offset_db=-6)
     # speech_ended says how loud the talker was: ~6 dB under the clip's -17..-24 dBFS
     assert levels and -29.0 <= float(np.median(levels)) <= -23.0, levels
+    assert notices == []  # the level was said
     untold = error_rate()
     print(f"quiet Harvard WER: told {told:.3f}, untold {untold:.3f}")
     assert told <= 0.25
     assert untold >= told + 0.1
+    (notice,) = notices
+    found = re.search(r"speech at (-\d+) dBFS.*level_offset_db (-\d+) in start", notice["message"])
+    assert found and int(found[2]) == int(found[1]) + 20, notice
 
 
 def _manifest_reference(file: str) -> list[str]:

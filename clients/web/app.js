@@ -9,10 +9,6 @@ const CHUNK_MS = 40;
 // Relative, so that a daemon behind a reverse proxy under a path prefix works unchanged.
 const STREAM_PATH = "v1/stream";
 const LEVEL_FLOOR_DB = -60; // the level meter's zero
-// Speech quieter than this (speech_ended.level_dbfs) can lose dull sentences at the daemon's VAD
-// unless level_offset_db says so (docs/vad.md, "Input level"); judged on the last few utterances.
-const QUIET_LEVEL_DBFS = -26;
-const LEVELS_JUDGED = 5;
 
 const params = new URLSearchParams(window.location.search);
 const settings = {
@@ -35,7 +31,6 @@ const ui = {
   button: document.getElementById("toggle"),
   status: document.getElementById("status"),
   level: document.getElementById("level"),
-  hint: document.getElementById("hint"),
   details: document.getElementById("details"),
   captions: new Captions(document.getElementById("captions")),
 };
@@ -43,7 +38,6 @@ const ui = {
 let run = null; // {client, mic, stopping} while a stream is on
 let shownSession = null;
 let stopNote = null; // why the stream stopped, when the user did not press Stop
-const speechLevels = []; // level_dbfs of the last LEVELS_JUDGED utterances
 
 function streamUrl() {
   const url = new URL(STREAM_PATH, window.location.href);
@@ -124,9 +118,6 @@ function showMessage(message) {
     case "speech_started":
       captions.speechStarted(message.t);
       break;
-    case "speech_ended":
-      judgeLevel(message.level_dbfs);
-      break;
     case "partial":
       captions.showPartial(message);
       break;
@@ -134,22 +125,6 @@ function showMessage(message) {
       captions.addFinal(message);
       break;
   }
-}
-
-// Tell the user when their microphone is too quiet for the VAD (and what to do), unless they
-// already said its level. The median, so that one soft word does not raise the alarm.
-function judgeLevel(level) {
-  if (typeof level !== "number" || settings.levelOffsetDb !== undefined) return;
-  speechLevels.push(level);
-  if (speechLevels.length > LEVELS_JUDGED) speechLevels.shift();
-  const sorted = [...speechLevels].sort((a, b) => a - b);
-  const median = sorted[Math.floor(sorted.length / 2)];
-  const shown = Math.round(median); // one rounding for the level and the offset made from it
-  ui.hint.hidden = median >= QUIET_LEVEL_DBFS;
-  ui.hint.textContent = ui.hint.hidden
-    ? ""
-    : `The microphone is quiet (speech at ${shown} dBFS) and quiet words can be missed: ` +
-      `raise its input volume, or add level_offset_db=${shown + 20} to this page's address.`;
 }
 
 function showState(state, info) {

@@ -26,6 +26,7 @@ from websockets.frames import CloseCode
 
 from streamd.audio import SAMPLE_RATE
 from streamd.errors import ConfigError, EngineError
+from streamd.input_level import QuietInputJudge
 from streamd.protocol import PROTOCOL_VERSION, event_message
 from streamd.server.config import Config
 from streamd.server.journal import Journal, SessionJournal
@@ -103,6 +104,7 @@ class StreamConnection:
         self._audio_s = 0.0  # 16 kHz audio fed so far (this connection)
         self._arrivals: deque[tuple[float, float]] = deque()  # (audio end s, wall) per frame
         self._speech_started_at: float | None = None  # wall time, until the first text
+        self._quiet: QuietInputJudge | None = None  # None once the input's level was said
         self._wake = asyncio.Event()
         self._client_gone = False
         self._close_reason = "end"
@@ -280,6 +282,8 @@ class StreamConnection:
         if start.level_offset_db is not None:  # the client knows its microphone
             vad = replace(session_config.vad, level_offset_db=start.level_offset_db)
             session_config = replace(session_config, vad=vad)
+        elif session_config.vad.level_offset_db == 0.0:
+            self._quiet = QuietInputJudge()  # nobody said the level: tell the client if low
         self.session = Session(
             session_config,
             self.session_id,
@@ -478,6 +482,32 @@ class StreamConnection:
         elif isinstance(event, Partial) and self.s.on_partial is not None:
             self.s.on_partial(self.session_id, message)
         self._post(message)
+        if isinstance(event, SpeechEnded) and self._quiet is not None:
+            self._tell_if_quiet(event.level_dbfs)
+
+    def _tell_if_quiet(self, level_dbfs: float | None) -> None:
+        """A non-fatal `quiet_input` error, once, when the talker is too quiet for the VAD's
+        level thresholds and the client never said its level (docs/vad.md, "Input level")."""
+        verdict = self._quiet.note(level_dbfs) if self._quiet is not None else None
+        if verdict is None:
+            return
+        level, offset = verdict
+        self.s.metrics.errors.labels("quiet_input").inc()
+        text = (
+            f"the input is quiet (speech at {level} dBFS): quiet words can be missed; if they "
+            f"are, raise the input volume or send level_offset_db {offset} in start (the "
+            f"captions page: add level_offset_db={offset} to its address)"
+        )
+        code = "quiet_input"
+        self._post(
+            {
+                "type": "error",
+                "seq": self._next_seq(),
+                "code": code,
+                "message": text,
+                "fatal": False,
+            }
+        )
 
     def _shifted(self, message: dict[str, Any]) -> dict[str, Any]:
         """Session times and segments -> the resumed stream's (no-op for a fresh session)."""
