@@ -55,6 +55,7 @@ def test_config_defaults_and_env_lists() -> None:
         ({"prot": 1}, "unknown setting 'prot'"),
         ({"session.step_ms": "fast"}, "session.step_ms"),
         ({"vad.aggressiveness": 7}, "aggressiveness must be 0..3"),
+        ({"vad.level_offset_db": "-40"}, r"level_offset_db must be in \[-30, 20\]"),
         ({"port": 70000}, "port must be 0..65535"),
         ({"port.x": 1}, "port is not a section"),
         ({"mqtt.partials": "maybe"}, "not a boolean"),
@@ -90,6 +91,11 @@ def test_serve_flags_become_dotted_overrides() -> None:
     }
     assert load_config(None, {}, got).encoder_precision == "bf16"
     assert load_config(None, {}, got).session.vad.hangover_ms == 500
+    quiet = overrides(build_parser().parse_args(["serve", "--set", "vad.level_offset_db=-6"]))
+    assert load_config(None, {}, quiet).session.vad.level_offset_db == -6.0
+    assert load_config(
+        None, {"STREAMD_VAD_LEVEL_OFFSET_DB": "-8.5"}
+    ).session.vad.level_offset_db == (-8.5)
     with pytest.raises(ConfigError, match="NAME=VALUE"):
         overrides(build_parser().parse_args(["serve", "--set", "novalue"]))
 
