@@ -12,13 +12,15 @@ from statistics import median
 
 QUIET_LEVEL_DBFS = -26.0
 UTTERANCES_JUDGED = 5  # the median of the last few: one soft word raises no alarm
+MIN_UTTERANCES = 3  # nor does a soft "um" that opens the stream
 # An offset of level + this brings a quiet talker to where the thresholds were set.
 NORMAL_LEVEL_DBFS = -20.0
 
 
 class QuietInputJudge:
     """Feed each utterance's level; `note` returns the offset to suggest the first time the
-    recent median falls below QUIET_LEVEL_DBFS (None otherwise, and ever after)."""
+    median of the last UTTERANCES_JUDGED (at least MIN_UTTERANCES) falls below
+    QUIET_LEVEL_DBFS (None otherwise, and ever after)."""
 
     def __init__(self) -> None:
         self._levels: deque[float] = deque(maxlen=UTTERANCES_JUDGED)
@@ -31,7 +33,7 @@ class QuietInputJudge:
             return None
         self._levels.append(level_dbfs)
         level = median(self._levels)
-        if level >= QUIET_LEVEL_DBFS:
+        if len(self._levels) < MIN_UTTERANCES or level >= QUIET_LEVEL_DBFS:
             return None
         self._told = True
         shown = round(level)

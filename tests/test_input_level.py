@@ -13,9 +13,12 @@ def test_normal_levels_and_one_soft_word_raise_nothing() -> None:
 
 def test_a_quiet_input_is_told_once_with_the_offset_that_fits() -> None:
     judge = QuietInputJudge()
-    assert judge.note(-22.5) is None
+    assert judge.note(-29.5) is None  # one utterance says little (a soft "um")
     assert judge.note(None) is None  # a gate that does not measure: not counted
-    assert judge.note(-29.0) is None  # median of -22.5, -29.0: -25.75, still fine
-    assert judge.note(-30.2) == (-29, -9)  # median -29.0: 9 dB under -20
-    assert judge.note(-31.0) is None  # said once
-    assert QuietInputJudge().note(-27.5) == (-28, -8)
+    assert judge.note(-22.5) is None
+    assert judge.note(-23.0) is None  # median of three: -23.0, fine
+    assert judge.note(-28.0) is None  # median of four: -25.5, fine
+    assert judge.note(-31.0) == (-28, -8)  # median of five: -28.0, 8 dB under -20
+    assert judge.note(-32.0) is None  # said once
+    quiet = QuietInputJudge()
+    assert [quiet.note(level) for level in (-27.0, -27.2, -26.9)] == [None, None, (-27, -7)]
