@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, TextIO
 
-from streamd.input_level import QuietInputJudge
+from streamd.input_level import QuietInputJudge, quiet_advice
 
 if TYPE_CHECKING:
     from streamd.streaming.replay import Emitted
@@ -63,15 +63,15 @@ class EventPrinter:
         self.captions = Captions(out)
         self.seq = 0
         self.warn = warn
-        self.quiet = None if level_told or warn is None else QuietInputJudge()
+        self.quiet = None if level_told else QuietInputJudge()
 
     def __call__(self, item: Emitted) -> None:
         from streamd.protocol import event_message
 
         self.seq += 1
         message = event_message(item.event, self.seq)
-        if self.quiet is not None and message["type"] == "speech_ended":
-            self._judge_level(message["level_dbfs"])
+        if self.warn is not None and self.quiet is not None and message["type"] == "speech_ended":
+            self._judge_level(self.warn, self.quiet, message["level_dbfs"])
         if self.jsonl:
             message["emitted_at"] = round(item.emitted_at, 3)
             self.out.write(json.dumps(message, ensure_ascii=False) + "\n")
@@ -79,16 +79,14 @@ class EventPrinter:
         else:
             self.captions.show(message)
 
-    def _judge_level(self, level_dbfs: float | None) -> None:
-        verdict = self.quiet.note(level_dbfs) if self.quiet is not None else None
-        if verdict is not None and self.warn is not None:
+    @staticmethod
+    def _judge_level(warn: TextIO, judge: QuietInputJudge, level_dbfs: float | None) -> None:
+        verdict = judge.note(level_dbfs)
+        if verdict is not None:
             level, offset = verdict
-            self.warn.write(
-                f"streamd: the input is quiet (speech at {level} dBFS): quiet words can be "
-                f"missed; if they are, raise the input volume or add --level-offset-db {offset} "
-                "(docs/vad.md)\n"
-            )
-            self.warn.flush()
+            remedy = f"add --level-offset-db {offset} (docs/vad.md)"
+            warn.write(f"streamd: {quiet_advice(level, remedy)}\n")
+            warn.flush()
 
     def close(self) -> None:
         if not self.jsonl:

@@ -38,3 +38,12 @@ class QuietInputJudge:
         self._told = True
         shown = round(level)
         return shown, shown - round(NORMAL_LEVEL_DBFS)
+
+
+def quiet_advice(level: int, remedy: str) -> str:
+    """What to tell the user about an input at `level` dBFS; `remedy` says how to give the
+    offset where they are (a flag, a start field)."""
+    return (
+        f"the input is quiet (speech at {level} dBFS): quiet words can be missed; if they are, "
+        f"raise the input volume or {remedy}"
+    )

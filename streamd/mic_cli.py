@@ -57,8 +57,8 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
     if args.list_devices:
         _print_devices(mic.list_input_devices())
         return 0
-    config = session_config(args)  # bad flags and a missing device fail before the model loads
-    # the device is checked before the model loads: a missing microphone fails in an instant
+    # flags and the device are checked before the model loads: a mistake fails in an instant
+    config = session_config(args)
     source = mic.open_input(args.input_device, on_drop=_warn_dropped)
     model = load(args)
     vocabulary: tuple[int, ...] = ()

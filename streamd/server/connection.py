@@ -26,7 +26,7 @@ from websockets.frames import CloseCode
 
 from streamd.audio import SAMPLE_RATE
 from streamd.errors import ConfigError, EngineError
-from streamd.input_level import QuietInputJudge
+from streamd.input_level import QuietInputJudge, quiet_advice
 from streamd.protocol import PROTOCOL_VERSION, event_message
 from streamd.server.config import Config
 from streamd.server.journal import Journal, SessionJournal
@@ -483,31 +483,19 @@ class StreamConnection:
             self.s.on_partial(self.session_id, message)
         self._post(message)
         if isinstance(event, SpeechEnded) and self._quiet is not None:
-            self._tell_if_quiet(event.level_dbfs)
+            self._tell_if_quiet(self._quiet, event.level_dbfs)  # after the speech_ended it is about
 
-    def _tell_if_quiet(self, level_dbfs: float | None) -> None:
+    def _tell_if_quiet(self, judge: QuietInputJudge, level_dbfs: float | None) -> None:
         """A non-fatal `quiet_input` error, once, when the talker is too quiet for the VAD's
         level thresholds and the client never said its level (docs/vad.md, "Input level")."""
-        verdict = self._quiet.note(level_dbfs) if self._quiet is not None else None
-        if verdict is None:
-            return
-        level, offset = verdict
-        self.s.metrics.errors.labels("quiet_input").inc()
-        text = (
-            f"the input is quiet (speech at {level} dBFS): quiet words can be missed; if they "
-            f"are, raise the input volume or send level_offset_db {offset} in start (the "
-            f"captions page: add level_offset_db={offset} to its address)"
-        )
-        code = "quiet_input"
-        self._post(
-            {
-                "type": "error",
-                "seq": self._next_seq(),
-                "code": code,
-                "message": text,
-                "fatal": False,
-            }
-        )
+        verdict = judge.note(level_dbfs)
+        if verdict is not None:
+            level, offset = verdict
+            remedy = (
+                f"send level_offset_db {offset} in start "
+                f"(the captions page: add level_offset_db={offset} to its address)"
+            )
+            self._post(self._error_message("quiet_input", quiet_advice(level, remedy), False))
 
     def _shifted(self, message: dict[str, Any]) -> dict[str, Any]:
         """Session times and segments -> the resumed stream's (no-op for a fresh session)."""
@@ -592,12 +580,16 @@ class StreamConnection:
         fatal: bool = False,
         close_code: CloseCode = CloseCode.POLICY_VIOLATION,
     ) -> None:
-        self.s.metrics.errors.labels(code).inc()
-        message = {"type": "error", "seq": self._next_seq(), "code": code, "message": text}
-        await self._send({**message, "fatal": fatal})
+        await self._send(self._error_message(code, text, fatal))
         if fatal:
             await self._flush_outbox()
             await self.ws.close(close_code, code)
+
+    def _error_message(self, code: str, text: str, fatal: bool) -> dict[str, Any]:
+        """An `error` message with the next seq, counted in /metrics."""
+        self.s.metrics.errors.labels(code).inc()
+        message = {"type": "error", "seq": self._next_seq(), "code": code, "message": text}
+        return {**message, "fatal": fatal}
 
     async def _close(self) -> None:
         reason = self._reason()

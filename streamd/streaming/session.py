@@ -130,7 +130,7 @@ class _Window:
 
     def piece_start(self, until: int) -> int:
         """Window sample where the piece (one utterance) that ends at `until` begins."""
-        return max((o for o, _ in self.pieces if o < until), default=0)
+        return self.piece_of(until)[0] if self.pieces else 0
 
     def piece_of(self, until: int) -> tuple[int, int]:
         """(window, stream) sample where the piece (one utterance) that ends at `until` begins."""
