@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -228,9 +228,12 @@ def window_spans(request: WindowRequest) -> list[Span]:
 
 
 def forced_word_count(
-    hypothesis: Sequence[HypWord], forced: Sequence[int], alternates: bool
+    hypothesis: Sequence[HypWord], forced: Sequence[int], alternates: bool, cut_words: bool = False
 ) -> int | None:
-    """k when `forced` is exactly the tokens of the first k words of `hypothesis`, else None."""
+    """k when `forced` is exactly the tokens of the first k words of `hypothesis`, else None.
+
+    cut_words: a word may also be forced as it was written when cut (committed half-heard; the
+    decoder goes on after it)."""
     pos = 0
     for i, h in enumerate(hypothesis):
         if pos == len(forced):
@@ -238,6 +241,8 @@ def forced_word_count(
         options = [h.tokens]
         if alternates:
             options.append(word_tokens(alternate_spelling(h.word)))
+        if cut_words:
+            options.append(word_tokens(unstable_spelling(h.word)))
         match = next((t for t in options if tuple(forced[pos : pos + len(t)]) == t), None)
         if match is None:
             return None
@@ -273,6 +278,11 @@ class ScriptedEngine:
     early_at_join_s: the first word heard in each run of audio after the first is timed in the
         last this-many seconds of the run before it (the alignment misplacing a word across a
         join between two pieces of speech).
+    cut_probability: the probability given to a word cut by the end of a run ("unstable");
+        Whisper doubts such a word (0.46-0.61 for Japanese words cut by a pause).
+
+    Pieces that are contiguous in the stream (the talker went on at once after an utterance
+    ended) are one run of audio: a word across the join is heard whole.
 
     Every request is checked: at most 30 s, ramp audio matching its pieces, and `forced` exactly
     the tokens of the first words the engine hears in the window (the session forces nothing
@@ -295,6 +305,7 @@ class ScriptedEngine:
         check_ramp: bool = True,
         language: str = "en",
         early_at_join_s: float = 0.0,
+        cut_probability: float = 0.9,
     ) -> None:
         self.words = list(words)
         self.partial = partial
@@ -309,6 +320,7 @@ class ScriptedEngine:
         self.check_ramp = check_ramp
         self.language = language
         self.early_at_join_s = early_at_join_s
+        self.cut_probability = cut_probability
         self.requests: list[WindowRequest] = []
         self.results: list[WindowResult] = []
 
@@ -333,7 +345,9 @@ class ScriptedEngine:
         window_end_s = request.to_stream_s(n / SAMPLE_RATE)
         assert window_end_s == spans[-1].stream_end / SAMPLE_RATE
         for hypothesis in self._hypotheses(spans):
-            k = forced_word_count(hypothesis, request.forced, self.disagree)
+            k = forced_word_count(
+                hypothesis, request.forced, self.disagree, self.partial == "unstable"
+            )
             if k is not None:
                 break
         else:
@@ -390,6 +404,7 @@ class ScriptedEngine:
         any), then without it."""
         heard: list[HypWord] = []
         front: list[int] = []  # indices in `heard` of front-cut words (optional)
+        spans = _runs(spans)
         for i, s in enumerate(spans):
             first_in_span = len(heard)
             for w in self.words:
@@ -401,11 +416,10 @@ class ScriptedEngine:
                     heard.append(self._hyp(w.word, w.start_s, w.end_s - self.end_bias_s))
                 elif s.stream <= w.start < s.stream_end < w.end:
                     if self.partial == "unstable":
-                        heard.append(
-                            self._hyp(
-                                unstable_spelling(w.word), w.start_s, s.stream_end / SAMPLE_RATE
-                            )
+                        cut = self._hyp(
+                            unstable_spelling(w.word), w.start_s, s.stream_end / SAMPLE_RATE
                         )
+                        heard.append(replace(cut, probability=self.cut_probability))
                 elif w.start < s.stream < w.end <= s.stream_end and self.front == "repeat":
                     front.append(len(heard))
                     heard.append(
@@ -431,6 +445,18 @@ class ScriptedEngine:
 
     def _hyp(self, word: str, start_s: float, end_s: float) -> HypWord:
         return HypWord(word, start_s, max(end_s, start_s), 0.9, word_tokens(word))
+
+
+def _runs(spans: list[Span]) -> list[Span]:
+    """`spans` with stream-contiguous neighbours merged: one run of audio each."""
+    runs = [spans[0]]
+    for s in spans[1:]:
+        last = runs[-1]
+        if s.stream == last.stream_end and s.window == last.window + last.length:
+            runs[-1] = Span(last.window, last.stream, last.length + s.length)
+        else:
+            runs.append(s)
+    return runs
 
 
 # -- reading the events ---------------------------------------------------------------------------

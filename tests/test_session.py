@@ -678,8 +678,13 @@ def test_idle_timer_finalizes_an_utterance_the_client_stopped_sending() -> None:
     while requests := session.decode_requests():
         for r in requests:
             session.decode_done(r, engine.decode_one(r), now=timer + 1)
-    # 2.8-3.2 s was cut in two by the finalization: neither half is a word the engine heard
-    assert final_words(session.events()) == true_words(EIGHT[6:8])
+    # 2.8-3.2 s was cut in two by the finalization: the first half was no word, and the
+    # window still holds it, contiguous with the second, so the word is heard whole (it starts
+    # no earlier than the cut: the first utterance is final)
+    after = final_words(session.events())
+    assert [w for w, _, _ in after] == [w.word for w in EIGHT[5:8]]
+    assert after[0][1] == 2.9
+    assert after[1:] == true_words(EIGHT[6:8])
     assert session.finished
 
 
@@ -924,3 +929,94 @@ def test_a_wordless_first_utterance_leaves_an_empty_window() -> None:
     assert later
     assert all(window_spans(r)[0].stream == 3 * SAMPLE_RATE for r in later)
     assert session.finished
+
+
+# -- 15. a pause inside a word --------------------------------------------------------------
+
+# alpha 0.3-0.7, bravo 0.8-1.2, charlie 1.3-1.7, delta 1.8-2.2; the VAD ends an utterance at
+# 1.5 s, inside " charlie", which the engine then writes as " charlieteen" and doubts (p 0.5)
+PAUSED = spoken(distinct_words(4), start_s=0.3)
+
+
+def paused_engine() -> ScriptedEngine:
+    return ScriptedEngine(PAUSED, partial="unstable", cut_probability=0.5)
+
+
+def test_an_uncertain_last_word_waits_for_the_talker_to_go_on() -> None:
+    """The VAD can end an utterance inside a word (a 600 ms pause in "聞き取れ|ている": base
+    finalized "聞きとり", p 0.61, and the next utterance began "っている"). The doubted last
+    word is held; the talker goes on at once, and it is decoded again with what follows."""
+    regions = [(0.0, 1.5), (1.5, 2.8)]
+    session, events = replay(paused_engine(), regions, total_s=3.5)
+    assert final_words(events) == true_words(PAUSED)
+    assert session.stats.held_words == 1
+    assert_finals_well_formed(events)
+    # the held word was on the caption meanwhile, as a partial
+    assert any(p.text == " charlieteen" for p in partials_of(events))
+
+    _, unheld = replay(
+        paused_engine(), regions, total_s=3.5, config=SessionConfig(hold_uncertain_ms=0)
+    )
+    assert " charlieteen" in word_list(unheld)  # what the hold prevents
+
+
+def test_a_word_held_after_the_talker_went_on_is_decoded_with_what_follows() -> None:
+    """A slow engine: the final of the first utterance comes back after the next one began
+    (2.6 s). Its doubted word is not committed on a timer then; the next final has it."""
+    regions = [(0.0, 1.5), (1.5, 2.8)]
+    session = make_session(regions)
+    engine = paused_engine()
+
+    def late(r: WindowRequest) -> int | None:
+        return to_samples(2.6) if r.final and window_end_s(r) == 1.5 else None
+
+    run = drive(session, engine, stream_audio(4.0, regions), hold=late)
+    assert final_words(run.events) == true_words(PAUSED)
+    assert session.stats.held_words == 1
+    assert session.finished
+    # committed by the second utterance's final, not by a timer running out meanwhile
+    last_final = max(r.request_id for r in engine.requests if r.final)
+    assert [w for w, _, _ in final_words(run.after[last_final])] == [" charlie", " delta"]
+
+
+def test_a_held_word_is_final_once_the_talker_does_not_go_on() -> None:
+    """No speech within `hold_uncertain_ms` of the utterance's end: the held word is committed
+    as it is, that much later (virtual clock: audio time)."""
+    session = make_session([(0.0, 1.5)])
+    out = replay_virtual(session, stream_audio(4.0, [(0.0, 1.5)]), paused_engine().decode)
+    events = [e.event for e in out]
+    assert word_list(events) == [" alpha", " bravo", " charlieteen"]
+    (at,) = [e.emitted_at for e in out if isinstance(e.event, Final) and "teen" in e.event.text]
+    assert at == pytest.approx(1.5 + 0.5, abs=CHUNK_MS / 1000)
+    assert session.stats.held_words == 1
+    assert session.finished
+
+
+@pytest.mark.parametrize("how", ["end_stream", "idle_timer"])
+def test_a_held_word_is_final_when_the_stream_stops(how: str) -> None:
+    """The client ends the stream, or stops sending, while a word is held: it is committed then,
+    not left on the caption."""
+    session = make_session([(0.0, 1.5)])
+    engine = paused_engine()
+    audio = stream_audio(1.6, [(0.0, 1.5)])  # the utterance ends, then 0.1 s more
+    run = drive(session, engine, audio) if how == "end_stream" else None
+    if run is None:
+        step = CHUNK_MS * SAMPLE_RATE // 1000
+        events: list[Event] = []
+        for i in range(0, len(audio), step):
+            session.feed_audio(audio[i : i + step], now=100.0)
+            while requests := session.decode_requests():
+                for r in requests:
+                    session.decode_done(r, engine.decode_one(r), now=100.0)
+            events.extend(session.events())
+        assert " charlieteen" not in word_list(events)  # held
+        timer = session.get_timer()
+        assert timer is not None
+        session.handle_timer(timer)
+        events.extend(session.events())
+        assert session.decode_requests() == []
+    else:
+        events = run.events
+        assert session.finished
+    assert word_list(events) == [" alpha", " bravo", " charlieteen"]
+    assert session.get_timer() is None

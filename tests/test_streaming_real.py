@@ -272,3 +272,19 @@ def test_a_sign_off_on_room_tone_is_not_committed_and_the_stream_stays_heard() -
     assert text.startswith("日本"), text
     assert "テスト" in text and "かどうか" in text, text
     assert error_rate([stream.reference_text], [text], "ja") < 0.35, text
+
+
+def test_a_word_cut_by_a_pause_is_heard_whole_with_what_follows() -> None:
+    """ja_2's talker pauses 600 ms inside 聞き取れ|ている: the VAD ends the utterance there, and
+    base finalized "をちゃんと聞き取れ" (last word p 0.47), then began the next utterance with
+    "っている" ("聞き取れっている" with `hold_uncertain_ms=0`). The doubted last word now waits
+    for the talker to go on and is decoded again with what follows."""
+    from streamd.evaluation.streams import evaluation_stream
+
+    stream = evaluation_stream("ja", seed=1)
+    decoder = WindowDecoder(load_model("base"))
+    session = Session(language="ja")
+    emitted = replay_virtual(session, stream.audio, decoder.decode)
+    text = "".join(e.event.text for e in emitted if isinstance(e.event, Final))
+    assert session.stats.held_words >= 1
+    assert "聞き取れている" in text, text

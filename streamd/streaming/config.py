@@ -27,6 +27,9 @@ class SessionConfig:
         stays in the text prompt only).
     min_commit_probability: agreement commits no word the model gives less than this; it waits
         for the utterance's final.
+    hold_uncertain_ms: at an utterance's final, trailing words under `min_commit_probability`
+        wait this much more audio for the talker to go on (a pause inside a word: "聞き取れ|
+        ている"); if speech resumes they are decoded again with it, else committed as they are.
     """
 
     vad: VadConfig = field(default_factory=VadConfig)
@@ -40,13 +43,19 @@ class SessionConfig:
     idle_finalize_ms: int = 2000
     context_gap_s: float = 30.0
     min_commit_probability: float = 0.7
+    hold_uncertain_ms: int = 500
 
     def __post_init__(self) -> None:
         from streamd.errors import ConfigError
 
         if not 0 < self.force_commit_s <= MAX_WINDOW_S - 1:
             raise ConfigError(f"force_commit_s must be in (0, {MAX_WINDOW_S - 1}]")
-        if self.step_ms <= 0 or self.min_window_ms < 0 or self.unstable_tail_ms < 0:
-            raise ConfigError("step_ms must be positive; min_window_ms, unstable_tail_ms >= 0")
+        if (
+            self.step_ms <= 0
+            or min(self.min_window_ms, self.unstable_tail_ms, self.hold_uncertain_ms) < 0
+        ):
+            raise ConfigError(
+                "step_ms must be positive; min_window_ms, unstable_tail_ms, hold_uncertain_ms >= 0"
+            )
         if not 0 < self.trim_after_s <= self.force_commit_s:
             raise ConfigError("trim_after_s must be in (0, force_commit_s]")

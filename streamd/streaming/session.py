@@ -50,6 +50,15 @@ HEARD_AFTER_SPEECH_S = 0.4
 SILENCED_MIN_SPEECH_S = 0.5
 
 
+@dataclass(frozen=True)
+class _Held:
+    """Uncertain last words waiting (`SessionConfig.hold_uncertain_ms`) until stream sample
+    `until`; `result` is the decode they came from (its scores go on their Final)."""
+
+    until: int
+    result: WindowResult
+
+
 class SpeechGate(Protocol):
     """What the session needs of a VAD (`streamd.vad.VadGate`)."""
 
@@ -72,6 +81,7 @@ class SessionStats:
     context_resets: int = 0  # the decoder looped on its context; it was dropped
     retimed_words: int = 0  # words the alignment put in an utterance already finalized
     wordless_cut: int = 0  # utterances that left no word, cut out of the window
+    held_words: int = 0  # uncertain last words that waited for the talker to go on
     guards: GuardStats = field(default_factory=GuardStats)
 
 
@@ -203,6 +213,9 @@ class Session:
         self._last_audio_now: float | None = None
         self._decode_alone = False  # the first pending final is to be decoded alone
         self._alone_id: int | None = None  # the request doing that
+        self._samples_fed = 0
+        # uncertain last words of a finished utterance, waiting for the talker to go on
+        self._held: _Held | None = None
 
     # -- input ---------------------------------------------------------------------------------
 
@@ -211,8 +224,12 @@ class Session:
         if self._ended:
             raise SessionStateError("audio after end_stream")
         self._last_audio_now = now
+        self._samples_fed += len(pcm)
         for event in self._vad.feed(pcm):
             self._on_vad(event)
+        held = self._held
+        if held is not None and self._samples_fed >= held.until:
+            self._release_held()
 
     def end_stream(self, now: float) -> None:
         """No more audio: the open utterance (if any) is finalized."""
@@ -224,10 +241,12 @@ class Session:
         """Finalize the current utterance now, as if the speaker had paused."""
         for event in self._vad.flush():
             self._on_vad(event)
+        if self._held is not None:  # (a flush that ends speech has no held words: see _on_vad)
+            self._release_held()
 
     def get_timer(self) -> float | None:
         """Wall time at which `handle_timer` must be called, or None."""
-        if self._last_audio_now is None or not self._window.speaking:
+        if self._last_audio_now is None or not (self._window.speaking or self._held):
             return None
         return self._last_audio_now + self.config.idle_finalize_ms / 1000
 
@@ -240,6 +259,7 @@ class Session:
         w = self._window
         match event:
             case VadStarted(sample=sample):
+                self._held = None  # the talker went on: the held words are decoded again
                 gap_s = (sample - w.stream_end()) / SAMPLE_RATE if w.pieces else 0.0
                 if gap_s > self.config.context_gap_s and not w.finals:
                     w.trim_to(w.committed_until())
@@ -472,14 +492,50 @@ class Session:
             return
         end = w.finals.pop(0)
         speech_until = w.speech_until_s.pop(0)
-        w.finished_until_s = max(w.finished_until_s, w.stream_s(end))
         # Words that begin well after the last foreground speech are in the hangover: the VAD
         # kept that audio so word tails are not clipped, but what starts there is murmur.
         kept = [h for h in words if h.start < speech_until + HANGOVER_WORD_MARGIN_S]
         self.stats.guards.count("after_speech", len(words) - len(kept))
-        self._commit(kept, result)
+        held = self._uncertain_tail(kept)
+        self._commit(kept[: len(kept) - held], result)
         self._clear_hypothesis()
+        if held:
+            # decoded again with the next utterance; committed as they are if none comes soon
+            w.tentative = kept[len(kept) - held :]
+            w.finished_until_s = max(w.finished_until_s, w.tentative[0].start)
+            if not (w.speaking or w.finals):  # else the talker has gone on already
+                until = round(w.stream_s(end) * SAMPLE_RATE)
+                wait = self.config.hold_uncertain_ms * SAMPLE_RATE // 1000
+                self._held = _Held(until + wait, result)
+            self.stats.held_words += held
+            self._set_partial(w.tentative)
+            return
+        w.finished_until_s = max(w.finished_until_s, w.stream_s(end))
         self._maybe_trim(self._drop_if_wordless(end) / SAMPLE_RATE)
+
+    def _uncertain_tail(self, words: list[HypWord]) -> int:
+        """How many of an utterance's last words to hold back: the trailing run the model gives
+        less than `min_commit_probability`, when the talker may still go on (a pause inside
+        a word, "聞き取れ|ている": the VAD ended the utterance after "聞きとり" (p 0.61), and
+        the next one began with "っている")."""
+        if self._ended or not self.config.hold_uncertain_ms:
+            return 0
+        n = 0
+        while n < len(words) and words[-1 - n].probability < self.config.min_commit_probability:
+            n += 1
+        return n
+
+    def _release_held(self) -> None:
+        """The talker did not go on: the held words are final as they are."""
+        held = self._held
+        if held is None or self._in_flight is not None:
+            return  # (nothing is decoded while words are held: no new speech came)
+        self._held = None
+        w = self._window
+        self._commit(w.tentative, held.result)
+        self._clear_hypothesis()
+        w.finished_until_s = max(w.finished_until_s, w.stream_s(len(w.audio)))
+        self._maybe_trim(len(w.audio) / SAMPLE_RATE)
 
     def _clear_hypothesis(self) -> None:
         """No tentative words any more: none to draft from, none on the caption."""
