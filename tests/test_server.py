@@ -352,6 +352,7 @@ def test_a_quiet_microphone_says_its_level_in_start(daemon: Daemon) -> None:
     (notice,) = notices
     found = re.search(r"speech at (-\d+) dBFS.*level_offset_db (-\d+) in start", notice["message"])
     assert found and int(found[2]) == int(found[1]) + 20, notice
+    assert f"streamd-client: --level-offset-db {found[2]}" in notice["message"], notice
 
 
 def _manifest_reference(file: str) -> list[str]:

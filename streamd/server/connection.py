@@ -492,8 +492,8 @@ class StreamConnection:
         if verdict is not None:
             level, offset = verdict
             remedy = (
-                f"send level_offset_db {offset} in start "
-                f"(the captions page: add level_offset_db={offset} to its address)"
+                f"send level_offset_db {offset} in start (streamd-client: --level-offset-db "
+                f"{offset}; the captions page: add level_offset_db={offset} to its address)"
             )
             self._post(self._error_message("quiet_input", quiet_advice(level, remedy), False))
 
