@@ -10,6 +10,7 @@ import asyncio
 import json
 import re
 import time
+from functools import cache
 
 import numpy as np
 import pytest
@@ -17,12 +18,15 @@ import torch
 
 from bench.scoring import error_rate
 from streamd.cli import main
+from streamd.evaluation.streams import evaluation_stream
 from streamd.models.loader import load_model
+from streamd.streaming.config import SessionConfig
 from streamd.streaming.events import Final, Partial, SpeechEnded, SpeechStarted
 from streamd.streaming.replay import replay_realtime, replay_virtual
 from streamd.streaming.session import Session
 from streamd.streaming.window import WindowRequest, WindowResult
 from streamd.streaming.window_decoder import WindowDecoder
+from streamd.vad import VadConfig
 from tests.synth import build_stream, gap_audio
 
 GAP_MARGIN_S = 0.2
@@ -220,38 +224,47 @@ def test_a_stream_joined_mid_word_recovers_from_a_looping_context(tiny: WindowDe
     assert session.stats.context_resets >= 1  # the loop did happen, and was dealt with
 
 
+@cache
+def _base() -> WindowDecoder:
+    return WindowDecoder(load_model("base"))
+
+
+def _japanese_finals(seed: int, config: SessionConfig | None = None) -> tuple[Session, str, str]:
+    """The Japanese evaluation stream `seed` through base, virtual clock: the session, the
+    finals' text and the reference text."""
+    stream = evaluation_stream("ja", seed)
+    session = Session(config, language="ja")
+    emitted = replay_virtual(session, stream.audio, _base().decode)
+    text = "".join(e.event.text for e in emitted if isinstance(e.event, Final))
+    return session, text, stream.reference_text
+
+
+@pytest.fixture(scope="module")
+def ja_seed1() -> tuple[Session, str, str]:
+    """Seed 1 with the defaults, replayed once for the tests that look at it."""
+    return _japanese_finals(1)
+
+
 def test_japanese_talker_repeating_a_phrase_loses_nothing_after_it() -> None:
     """ja_1 says "...聞こえてんの ちゃんと聞こえてるの...": the second "聞こえてんの" repeats
     committed words verbatim. The echo guard once took it for Whisper re-reading its context and
     dropped it and, step after step, every later word of the stream (CER 0.79 on this stream)."""
-    from streamd.evaluation.streams import evaluation_stream
-    from streamd.streaming.config import SessionConfig
-    from streamd.vad import VadConfig
-
-    stream = evaluation_stream("ja", seed=2)
-    decoder = WindowDecoder(load_model("base"))
-    session = Session(SessionConfig(vad=VadConfig(hangover_ms=900)), language="ja")
-    emitted = replay_virtual(session, stream.audio, decoder.decode)
-    text = "".join(e.event.text for e in emitted if isinstance(e.event, Final))
+    _, text, reference = _japanese_finals(2, SessionConfig(vad=VadConfig(hangover_ms=900)))
     assert "マイ" in text and "テスト" in text and "かどうか" in text, text
-    assert error_rate([stream.reference_text], [text], "ja") < 0.35, text
+    assert error_rate([reference], [text], "ja") < 0.35, text
 
 
-def test_room_tone_the_guards_rejected_is_not_heard_in_front_of_the_next_sentence() -> None:
+def test_room_tone_the_guards_rejected_is_not_heard_in_front_of_the_next_sentence(
+    ja_seed1: tuple[Session, str, str],
+) -> None:
     """Seed 1's Japanese stream opens with 1 s of a clip's room tone that the VAD passes and
     the guards reject whole ("ご視聴ありがとうございました"). Kept in the window, it was decoded
     again in front of the first sentence: "見えようとはときと言いますか" for
     "日本語ちゃんと聞き取れてますか" (stream CER 0.310). Cut out, the stream's CER is 0.241."""
-    from streamd.evaluation.streams import evaluation_stream
-
-    stream = evaluation_stream("ja", seed=1)
-    decoder = WindowDecoder(load_model("base"))
-    session = Session(language="ja")
-    emitted = replay_virtual(session, stream.audio, decoder.decode)
-    text = "".join(e.event.text for e in emitted if isinstance(e.event, Final))
+    session, text, reference = ja_seed1
     assert session.stats.wordless_cut >= 1
     assert text.startswith("日本"), text
-    assert error_rate([stream.reference_text], [text], "ja") < 0.28, text
+    assert error_rate([reference], [text], "ja") < 0.28, text
 
 
 def test_a_sign_off_on_room_tone_is_not_committed_and_the_stream_stays_heard() -> None:
@@ -260,31 +273,19 @@ def test_a_sign_off_on_room_tone_is_not_committed_and_the_stream_stays_heard() -
     "視聴ありがとうございました" after it, and with that in its context the decoder wrote
     nothing for the rest of the stream (CER 0.954). The phrase guard now judges the whole
     hypothesis, and an utterance its context silenced is decoded alone."""
-    from streamd.evaluation.streams import evaluation_stream
-    from streamd.streaming.config import SessionConfig
-    from streamd.vad import VadConfig
-
-    stream = evaluation_stream("ja", seed=1)
-    decoder = WindowDecoder(load_model("base"))
-    session = Session(SessionConfig(vad=VadConfig(preroll_ms=150)), language="ja")
-    emitted = replay_virtual(session, stream.audio, decoder.decode)
-    text = "".join(e.event.text for e in emitted if isinstance(e.event, Final))
+    _, text, reference = _japanese_finals(1, SessionConfig(vad=VadConfig(preroll_ms=150)))
     assert text.startswith("日本"), text
     assert "テスト" in text and "かどうか" in text, text
-    assert error_rate([stream.reference_text], [text], "ja") < 0.35, text
+    assert error_rate([reference], [text], "ja") < 0.35, text
 
 
-def test_a_word_cut_by_a_pause_is_heard_whole_with_what_follows() -> None:
+def test_a_word_cut_by_a_pause_is_heard_whole_with_what_follows(
+    ja_seed1: tuple[Session, str, str],
+) -> None:
     """ja_2's talker pauses 600 ms inside 聞き取れ|ている: the VAD ends the utterance there, and
     base finalized "をちゃんと聞き取れ" (last word p 0.47), then began the next utterance with
     "っている" ("聞き取れっている" with `hold_uncertain_ms=0`). The doubted last word now waits
     for the talker to go on and is decoded again with what follows."""
-    from streamd.evaluation.streams import evaluation_stream
-
-    stream = evaluation_stream("ja", seed=1)
-    decoder = WindowDecoder(load_model("base"))
-    session = Session(language="ja")
-    emitted = replay_virtual(session, stream.audio, decoder.decode)
-    text = "".join(e.event.text for e in emitted if isinstance(e.event, Final))
+    session, text, _ = ja_seed1
     assert session.stats.held_words >= 1
     assert "聞き取れている" in text, text
