@@ -1020,3 +1020,25 @@ def test_a_held_word_is_final_when_the_stream_stops(how: str) -> None:
         assert session.finished
     assert word_list(events) == [" alpha", " bravo", " charlieteen"]
     assert session.get_timer() is None
+
+
+def test_a_client_finalize_holds_nothing_back() -> None:
+    """`finalize` (the client's command, or the idle timer) asks for everything now: a doubted
+    last word is committed with the rest, not 500 ms of audio later."""
+    session = make_session([(0.0, 2.8)])
+    engine = paused_engine()
+    audio = stream_audio(1.5, [(0.0, 2.8)])  # the client finalizes mid-" charlie"
+    step = CHUNK_MS * SAMPLE_RATE // 1000
+    for i in range(0, len(audio), step):
+        session.feed_audio(audio[i : i + step], now=i / SAMPLE_RATE)
+        while requests := session.decode_requests():
+            for r in requests:
+                session.decode_done(r, engine.decode_one(r), now=i / SAMPLE_RATE)
+    events = session.events()
+    assert " charlieteen" not in word_list(events)
+    session.finalize(now=1.5)
+    while requests := session.decode_requests():
+        for r in requests:
+            session.decode_done(r, engine.decode_one(r), now=1.5)
+    assert word_list(events + session.events()) == [" alpha", " bravo", " charlieteen"]
+    assert session.stats.held_words == 0

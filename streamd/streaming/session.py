@@ -216,6 +216,7 @@ class Session:
         self._samples_fed = 0
         # uncertain last words of a finished utterance, waiting for the talker to go on
         self._held: _Held | None = None
+        self._finalizing = False  # finalize() ended the speech: nothing is held back then
 
     # -- input ---------------------------------------------------------------------------------
 
@@ -238,7 +239,9 @@ class Session:
             self._ended = True
 
     def finalize(self, now: float) -> None:
-        """Finalize the current utterance now, as if the speaker had paused."""
+        """Finalize the current utterance now, as if the speaker had paused (its doubted last
+        words too: the client asked for everything)."""
+        self._finalizing = True
         for event in self._vad.flush():
             self._on_vad(event)
         if self._held is not None:  # (a flush that ends speech has no held words: see _on_vad)
@@ -260,6 +263,7 @@ class Session:
         match event:
             case VadStarted(sample=sample):
                 self._held = None  # the talker went on: the held words are decoded again
+                self._finalizing = False
                 gap_s = (sample - w.stream_end()) / SAMPLE_RATE if w.pieces else 0.0
                 if gap_s > self.config.context_gap_s and not w.finals:
                     w.trim_to(w.committed_until())
@@ -518,7 +522,7 @@ class Session:
         less than `min_commit_probability`, when the talker may still go on (a pause inside
         a word, "聞き取れ|ている": the VAD ended the utterance after "聞きとり" (p 0.61), and
         the next one began with "っている")."""
-        if self._ended or not self.config.hold_uncertain_ms:
+        if self._ended or self._finalizing or not self.config.hold_uncertain_ms:
             return 0
         n = 0
         while n < len(words) and words[-1 - n].probability < self.config.min_commit_probability:
@@ -526,7 +530,9 @@ class Session:
         return n
 
     def _release_held(self) -> None:
-        """The talker did not go on: the held words are final as they are."""
+        """The talker did not go on: the held words are final as they are. (If the talker
+        does go on, the next final decides them, and may drop them: a fragment the model
+        doubted and, with what follows, no longer hears.)"""
         held = self._held
         if held is None or self._in_flight is not None:
             return  # (nothing is decoded while words are held: no new speech came)
