@@ -160,6 +160,30 @@ def drive(
     return run
 
 
+def answer_all(session: Session, engine: ScriptedEngine, now: float) -> None:
+    """Decode every request the session has, at once, until it asks for none."""
+    while requests := session.decode_requests():
+        for r in requests:
+            session.decode_done(r, engine.decode_one(r), now)
+
+
+def feed(
+    session: Session, engine: ScriptedEngine, audio: np.ndarray, start_now: float = 0.0
+) -> tuple[list[Event], float]:
+    """Feed `audio` chunk by chunk without ending the stream (now = `start_now` + audio time),
+    answering every request at once; the events and the last `now`."""
+    events: list[Event] = []
+    step = CHUNK_MS * SAMPLE_RATE // 1000
+    now = start_now
+    for i in range(0, len(audio), step):
+        chunk = audio[i : i + step]
+        now = start_now + (i + len(chunk)) / SAMPLE_RATE
+        session.feed_audio(chunk, now)
+        answer_all(session, engine, now)
+        events.extend(session.events())
+    return events, now
+
+
 # -- 1. one utterance -------------------------------------------------------------------------
 
 
@@ -641,16 +665,8 @@ def test_idle_timer_finalizes_an_utterance_the_client_stopped_sending() -> None:
     engine = ScriptedEngine(EIGHT)
     assert session.get_timer() is None
     audio = stream_audio(2.9, [(0.0, 20.0)])  # the client stops 2.9 s in
-    events: list[Event] = []
-    wall = 100.0  # wall clock, unrelated to audio time
-    step = CHUNK_MS * SAMPLE_RATE // 1000
-    for i in range(0, len(audio), step):
-        wall += CHUNK_MS / 1000
-        session.feed_audio(audio[i : i + step], now=wall)
-        while requests := session.decode_requests():
-            for r in requests:
-                session.decode_done(r, engine.decode_one(r), now=wall)
-        events.extend(session.events())
+    # wall clock, unrelated to audio time
+    events, wall = feed(session, engine, audio, start_now=100.0)
     assert SpeechStarted(0.0) in events
     timer = session.get_timer()
     assert timer == wall + config.idle_finalize_ms / 1000
@@ -675,9 +691,7 @@ def test_idle_timer_finalizes_an_utterance_the_client_stopped_sending() -> None:
     session.feed_audio(more, now=timer + 1)
     assert session.events()[0] == SpeechStarted(2.9)
     session.end_stream(now=timer + 1)
-    while requests := session.decode_requests():
-        for r in requests:
-            session.decode_done(r, engine.decode_one(r), now=timer + 1)
+    answer_all(session, engine, timer + 1)
     # 2.8-3.2 s was cut in two by the finalization: the first half was no word, and the
     # window still holds it, contiguous with the second, so the word is heard whole (it starts
     # no earlier than the cut: the first utterance is final)
@@ -999,25 +1013,17 @@ def test_a_held_word_is_final_when_the_stream_stops(how: str) -> None:
     session = make_session([(0.0, 1.5)])
     engine = paused_engine()
     audio = stream_audio(1.6, [(0.0, 1.5)])  # the utterance ends, then 0.1 s more
-    run = drive(session, engine, audio) if how == "end_stream" else None
-    if run is None:
-        step = CHUNK_MS * SAMPLE_RATE // 1000
-        events: list[Event] = []
-        for i in range(0, len(audio), step):
-            session.feed_audio(audio[i : i + step], now=100.0)
-            while requests := session.decode_requests():
-                for r in requests:
-                    session.decode_done(r, engine.decode_one(r), now=100.0)
-            events.extend(session.events())
+    if how == "end_stream":
+        events = drive(session, engine, audio).events
+        assert session.finished
+    else:
+        events, _ = feed(session, engine, audio, start_now=100.0)
         assert " charlieteen" not in word_list(events)  # held
         timer = session.get_timer()
         assert timer is not None
         session.handle_timer(timer)
         events.extend(session.events())
         assert session.decode_requests() == []
-    else:
-        events = run.events
-        assert session.finished
     assert word_list(events) == [" alpha", " bravo", " charlieteen"]
     assert session.get_timer() is None
 
@@ -1028,17 +1034,9 @@ def test_a_client_finalize_holds_nothing_back() -> None:
     session = make_session([(0.0, 2.8)])
     engine = paused_engine()
     audio = stream_audio(1.5, [(0.0, 2.8)])  # the client finalizes mid-" charlie"
-    step = CHUNK_MS * SAMPLE_RATE // 1000
-    for i in range(0, len(audio), step):
-        session.feed_audio(audio[i : i + step], now=i / SAMPLE_RATE)
-        while requests := session.decode_requests():
-            for r in requests:
-                session.decode_done(r, engine.decode_one(r), now=i / SAMPLE_RATE)
-    events = session.events()
+    events, now = feed(session, engine, audio)
     assert " charlieteen" not in word_list(events)
-    session.finalize(now=1.5)
-    while requests := session.decode_requests():
-        for r in requests:
-            session.decode_done(r, engine.decode_one(r), now=1.5)
+    session.finalize(now)
+    answer_all(session, engine, now)
     assert word_list(events + session.events()) == [" alpha", " bravo", " charlieteen"]
     assert session.stats.held_words == 0

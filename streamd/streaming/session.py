@@ -514,6 +514,12 @@ class Session:
             self.stats.held_words += held
             self._set_partial(w.tentative)
             return
+        self._close_utterance(end)
+
+    def _close_utterance(self, end: int) -> None:
+        """Every word of the utterance that ends at window sample `end` is committed: no later
+        word belongs to it, and the window may be trimmed (or the utterance cut out)."""
+        w = self._window
         w.finished_until_s = max(w.finished_until_s, w.stream_s(end))
         self._maybe_trim(self._drop_if_wordless(end) / SAMPLE_RATE)
 
@@ -535,13 +541,14 @@ class Session:
         doubted and, with what follows, no longer hears.)"""
         held = self._held
         if held is None or self._in_flight is not None:
-            return  # (nothing is decoded while words are held: no new speech came)
+            # a partial step over the held words (a short `step_ms`) decides them first; the
+            # next audio tries again
+            return
         self._held = None
         w = self._window
         self._commit(w.tentative, held.result)
         self._clear_hypothesis()
-        w.finished_until_s = max(w.finished_until_s, w.stream_s(len(w.audio)))
-        self._maybe_trim(len(w.audio) / SAMPLE_RATE)
+        self._close_utterance(len(w.audio))
 
     def _clear_hypothesis(self) -> None:
         """No tentative words any more: none to draft from, none on the caption."""
