@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from streamd.session_flags import add_session_flags, session_config
+from streamd.session_flags import add_session_flags, level_given, session_config
 
 if TYPE_CHECKING:
     from streamd.mic import AudioSource, CaptureStats, InputDevice
@@ -68,9 +68,7 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
     from streamd.cli import encoder_precision
 
     decoder = WindowDecoder(model, encoder_precision=encoder_precision(args))
-    on_event = EventPrinter(
-        sys.stdout, args.jsonl, warn=sys.stderr, level_told=args.level_offset_db != 0.0
-    )
+    on_event = EventPrinter(sys.stdout, args.jsonl, warn=sys.stderr, level_told=level_given(args))
 
     resampled = "" if source.rate_hz == 16000 else f", resampled from {source.rate_hz} Hz"
     print(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from streamd.errors import ConfigError
-from streamd.session_flags import add_session_flags, session_config
+from streamd.session_flags import add_session_flags, level_given, session_config
 
 if TYPE_CHECKING:
     from streamd.models.loader import LoadedModel
@@ -67,9 +67,7 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
     if args.prompt:
         vocabulary = tuple(model.tokenizer(args.language).encode(" " + args.prompt.strip()))
     session = Session(config, language=args.language, vocabulary=vocabulary)
-    printer = EventPrinter(
-        sys.stdout, args.jsonl, warn=sys.stderr, level_told=args.level_offset_db != 0.0
-    )
+    printer = EventPrinter(sys.stdout, args.jsonl, warn=sys.stderr, level_told=level_given(args))
     finals: list[Final] = []
 
     def on_event(item: Emitted) -> None:

@@ -31,3 +31,8 @@ def session_config(args: argparse.Namespace) -> SessionConfig:
     if args.step_ms is None:
         return SessionConfig(vad=vad)
     return SessionConfig(vad=vad, step_ms=args.step_ms)
+
+
+def level_given(args: argparse.Namespace) -> bool:
+    """The user gave the input's level (`--level-offset-db`): no advice about it is due."""
+    return bool(args.level_offset_db != 0.0)
