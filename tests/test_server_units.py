@@ -55,6 +55,7 @@ def test_config_defaults_and_env_lists() -> None:
         ({"prot": 1}, "unknown setting 'prot'"),
         ({"session.step_ms": "fast"}, "session.step_ms"),
         ({"vad.aggressiveness": 7}, "aggressiveness must be 0..3"),
+        ({"session.hold_uncertain_ms": -1}, "hold_uncertain_ms >= 0"),
         ({"vad.level_offset_db": "-40"}, r"level_offset_db must be in \[-30, 20\]"),
         ({"port": 70000}, "port must be 0..65535"),
         ({"port.x": 1}, "port is not a section"),
