@@ -6,7 +6,8 @@ Reports WER/CER of finals vs the references and vs offline `transcribe` of the s
 finalization latency (arrival of the final holding an utterance's last word minus the end of
 that word in the audio), first-partial latency, words emitted inside the gaps, and decoder
 forward passes per audio second with and without drafts. Computation-aware (real-time pacing,
-real wall clock) unless --virtual.
+real wall clock) unless --virtual. It also names the machine and times one 30 s encoder pass
+(`streamd.evaluation.machine`): latency scales with it, sevenfold between this project's CPUs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from streamd.engine.precision import ENCODER_PRECISIONS, resolve_encoder_precision
 from streamd.evaluation import MODEL_FOR_LANGUAGE
+from streamd.evaluation.machine import describe_machine
 from streamd.evaluation.scoring import (
     GAP_MARGIN_S,
     SPEECH_FLOOR_DB,
@@ -58,6 +60,8 @@ class Report:
     mode: str
     encoder_buckets_s: tuple[int, ...]
     encoder_precision: str
+    cpu: str
+    encoder_pass_s: float  # one 30 s encoder pass of this engine on this machine
     audio_s: float
     utterances: int
     error_streaming: float
@@ -109,6 +113,7 @@ def run(
     model = load_model(model_name)
     precision = resolve_encoder_precision(encoder_precision, "cpu")
     decoder = WindowDecoder(model, buckets_s=buckets_s, encoder_precision=precision)
+    machine = describe_machine(decoder.engine)
     offline = Transcriber(model, decoder.engine).transcribe(
         audio, TranscribeOptions(language=language)
     )
@@ -132,6 +137,8 @@ def run(
         mode="virtual" if virtual else "realtime",
         encoder_buckets_s=buckets_s,
         encoder_precision=precision,
+        cpu=f"{machine.cpu}, {machine.threads} threads",
+        encoder_pass_s=machine.encoder_pass_s,
         audio_s=round(audio_s, 2),
         utterances=len(utterances),
         error_streaming=round(score.error, 4),
