@@ -20,17 +20,23 @@ NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_has_native_bf16(cpuinfo: Path = CPUINFO) -> bool:
-    """True if the CPU's flags list a native bfloat16 matrix unit (False where unknown)."""
+def cpuinfo_field(field: str, cpuinfo: Path = CPUINFO) -> str | None:
+    """The first value of `field` ("flags", "model name") in a /proc/cpuinfo file, or None."""
     try:
         text = cpuinfo.read_text(errors="replace")
     except OSError:
-        return False
+        return None
     for line in text.splitlines():
         name, _, value = line.partition(":")
-        if name.strip() == "flags":
-            return not NATIVE_BF16_FLAGS.isdisjoint(value.split())
-    return False
+        if name.strip() == field:
+            return value.strip()
+    return None
+
+
+def cpu_has_native_bf16(cpuinfo: Path = CPUINFO) -> bool:
+    """True if the CPU's flags list a native bfloat16 matrix unit (False where unknown)."""
+    flags = cpuinfo_field("flags", cpuinfo)
+    return flags is not None and not NATIVE_BF16_FLAGS.isdisjoint(flags.split())
 
 
 def resolve_encoder_precision(name: str, device: str, cpuinfo: Path = CPUINFO) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from streamd.engine.precision import CPUINFO, cpu_has_native_bf16
+from streamd.engine.precision import CPUINFO, cpu_has_native_bf16, cpuinfo_field
 from streamd.engine.protocol import Engine
 
 ENCODER_PASSES = 3  # timed passes (after one warm-up); the median is reported
@@ -35,15 +35,7 @@ class Machine:
 
 def cpu_model(cpuinfo: Path = CPUINFO) -> str:
     """The CPU's model name from /proc/cpuinfo, or "unknown" where there is none."""
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        return "unknown"
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() == "model name" and value.strip():
-            return value.strip()
-    return "unknown"
+    return cpuinfo_field("model name", cpuinfo) or "unknown"
 
 
 def encoder_pass_s(engine: Engine, passes: int = ENCODER_PASSES) -> float:
