@@ -6,8 +6,8 @@
 Builds the evaluation streams (streamd.evaluation.streams: the language's clips joined by
 seeded silence / noise / murmur gaps; client i gets seed+i), writes them under OUT/streams
 (WAV, reference and gap JSON), transcribes them offline once (in this process, with the
-Transcriber that `streamd transcribe` uses: the streaming penalty is the difference), then
-for each N starts a fresh `streamd serve` and streams to it from N websocket clients at
+Transcriber that `streamd transcribe` uses: the streaming penalty is the difference), times
+one 30 s encoder pass of it to name the machine (latency scales with it), then for each N starts a fresh `streamd serve` and streams to it from N websocket clients at
 real-time pace. Prints a table, writes OUT/results.json, OUT/latency.png and every client's
 messages under OUT/messages. Needs the `bench` extra (jiwer, matplotlib).
 """
@@ -33,6 +33,7 @@ from streamd.errors import ConfigError
 if TYPE_CHECKING:
     from streamd.evaluation.report import PeerRow
     from streamd.evaluation.streams import EvaluationStream
+    from streamd.transcribe import Transcriber
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -89,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from streamd.evaluation import MODEL_FOR_LANGUAGE
     from streamd.evaluation.daemon import running_daemon
     from streamd.evaluation.load import run_clients
+    from streamd.evaluation.machine import describe_machine
     from streamd.evaluation.report import BenchResults, format_table, write_json, write_plot
     from streamd.evaluation.streams import evaluation_stream, write_stream
 
@@ -112,7 +114,10 @@ def run(args: argparse.Namespace) -> int:
     _log(f"{len(streams)} stream(s) of {streams[0].duration_s:.1f} s in {out / 'streams'}")
     precision = resolve_encoder_precision(args.encoder_precision, args.device)
     _log(f"encoder precision: {precision}")
-    offline = None if args.no_offline else _offline_texts(streams, model, args.device, precision)
+    transcriber = _transcriber(model, args.device, precision)
+    machine = describe_machine(transcriber.engine)
+    _log(f"machine: {machine.cpu}; one 30 s encoder pass {machine.encoder_pass_s:.2f} s")
+    offline = None if args.no_offline else _offline_texts(streams, transcriber)
     serve = ["--model", model, "--device", args.device, "--encoder-precision", precision]
     serve += args.serve_args
     results = BenchResults(
@@ -123,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         streams=[s.name for s in streams],
         runs=[],
         daemon_args=serve,
+        machine=machine,
     )
     for n in args.clients:
         _log(f"N={n}: {n} client(s) at real-time pace, fresh daemon")
@@ -182,15 +188,20 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _offline_texts(
-    streams: Sequence[EvaluationStream], model_name: str, device: str, precision: str
-) -> list[str]:
-    """Offline transcripts of `streams`, as `streamd transcribe` makes them (one batched run)."""
+def _transcriber(model_name: str, device: str, precision: str) -> Transcriber:
+    """What `streamd transcribe` runs, with the daemon's model and precision: it makes the
+    offline transcripts, and its engine is the machine's yardstick."""
     from streamd.models.loader import load_model
-    from streamd.transcribe import TranscribeOptions, Transcriber
+    from streamd.transcribe import Transcriber
 
-    _log(f"offline transcription of {len(streams)} stream(s) with {model_name}")
-    transcriber = Transcriber(load_model(model_name, device=device), encoder_precision=precision)
+    return Transcriber(load_model(model_name, device=device), encoder_precision=precision)
+
+
+def _offline_texts(streams: Sequence[EvaluationStream], transcriber: Transcriber) -> list[str]:
+    """Offline transcripts of `streams`, as `streamd transcribe` makes them (one batched run)."""
+    from streamd.transcribe import TranscribeOptions
+
+    _log(f"offline transcription of {len(streams)} stream(s) with {transcriber.model.name}")
     options = TranscribeOptions(language=streams[0].language)
     return [t.text for t in transcriber.transcribe_many((s.audio for s in streams), options)]
 

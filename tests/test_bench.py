@@ -17,6 +17,7 @@ from streamd import cli
 from streamd.audio import SAMPLE_RATE, load_audio
 from streamd.decoding.result import Word
 from streamd.evaluation.load import RunReport, protocol_events
+from streamd.evaluation.machine import Machine
 from streamd.evaluation.report import (
     BenchResults,
     PeerRow,
@@ -218,6 +219,22 @@ def test_table_has_a_row_per_run_and_peer() -> None:
     assert len({len(line) for line in lines[1:]}) == 1  # aligned columns
 
 
+def test_table_and_json_name_the_machine(tmp_path: Path) -> None:
+    machine = Machine("AMD EPYC", 2, False, 0.93)
+    results = replace(_results(), machine=machine)
+    assert format_table(results).splitlines()[-1] == (
+        "machine: AMD EPYC, 2 threads, native bf16 no, one 30 s encoder pass 0.93 s"
+    )
+    write_json(results, tmp_path / "results.json")
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["machine"] == {
+        "cpu": "AMD EPYC",
+        "threads": 2,
+        "native_bf16": False,
+        "encoder_pass_s": 0.93,
+    }
+
+
 def test_json_is_strict_and_complete(tmp_path: Path) -> None:
     results = _results()
     runs = [replace(results.runs[0], latency_max_s=math.nan, error_offline=None)]
@@ -305,3 +322,5 @@ def test_bench_end_to_end_one_client(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert (out / "streams" / "en-seed0.wav").is_file()
     assert len(json.loads((out / "streams" / "en-seed0.reference.json").read_text())) == 2
     assert (out / "messages" / "n1-client0.json").is_file()
+    assert data["machine"]["encoder_pass_s"] > 0 and data["machine"]["cpu"]
+    assert stdout.splitlines()[-1].startswith("machine: ")

@@ -19,6 +19,8 @@ from streamd.evaluation.scoring import BENCH_EXTRA_HINT
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from streamd.evaluation.machine import Machine
+
 RESULTS_VERSION = 1
 
 
@@ -52,6 +54,7 @@ class BenchResults:
     runs: list[RunReport]
     peers: list[PeerRow] = field(default_factory=list)
     daemon_args: list[str] = field(default_factory=list)
+    machine: Machine | None = None  # what it ran on: latency scales with its encoder pass
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON data: NaN (no sample) becomes null, so strict parsers read it."""
@@ -130,6 +133,12 @@ def format_table(results: BenchResults) -> str:
         for run in results.runs
         if run.error_messages
     ]
+    if results.machine is not None:
+        m = results.machine
+        lines.append(
+            f"machine: {m.cpu}, {m.threads} threads, native bf16 {'yes' if m.native_bf16 else 'no'}"
+            f", one 30 s encoder pass {m.encoder_pass_s:.2f} s"
+        )
     return "\n".join(lines)
 
 
