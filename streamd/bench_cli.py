@@ -7,9 +7,10 @@ Builds the evaluation streams (streamd.evaluation.streams: the language's clips 
 seeded silence / noise / murmur gaps; client i gets seed+i), writes them under OUT/streams
 (WAV, reference and gap JSON), transcribes them offline once (in this process, with the
 Transcriber that `streamd transcribe` uses: the streaming penalty is the difference), times
-one 30 s encoder pass of it to name the machine (latency scales with it), then for each N starts a fresh `streamd serve` and streams to it from N websocket clients at
-real-time pace. Prints a table, writes OUT/results.json, OUT/latency.png and every client's
-messages under OUT/messages. Needs the `bench` extra (jiwer, matplotlib).
+one 30 s encoder pass of it to name the machine (latency scales with it), then for each N
+starts a fresh `streamd serve` and streams to it from N websocket clients at real-time pace.
+Prints a table, writes OUT/results.json, OUT/latency.png and every client's messages under
+OUT/messages. Needs the `bench` extra (jiwer, matplotlib).
 """
 
 from __future__ import annotations
