@@ -113,10 +113,14 @@ class SpeechAudio:
     """Gated audio, float32 16 kHz, covering [start_sample, start_sample + len(samples)).
 
     Within an utterance, each SpeechAudio starts where the previous one ended.
+    `last_voiced_sample`: where voice was last heard (the end of the last voiced frame) up to
+    the end of this audio, so a listener can tell a pause while the hangover still runs (-1
+    from a gate that does not say).
     """
 
     start_sample: int
     samples: np.ndarray
+    last_voiced_sample: int = -1
 
 
 @dataclass(frozen=True)
@@ -235,7 +239,7 @@ class VadGate:
         out = _EventBuilder()
         if self._in_speech:
             if self._pending.size:
-                out.audio(self._grid, self._pending)
+                out.audio(self._grid, self._pending, self._last_voiced_end)
             self._end(self._seen, out)
         self._pending = np.zeros(0, dtype=np.float32)
         self._grid = self._seen
@@ -272,12 +276,12 @@ class VadGate:
 
     def _step(self, frame: _Frame, out: _EventBuilder) -> None:
         if self._in_speech:
-            out.audio(frame.start, frame.samples)
             if frame.voiced:
                 self._last_voiced_end = frame.end
                 self._voiced_levels.append(frame.level)
             if frame.foreground:
                 self._last_foreground_end = frame.end
+            out.audio(frame.start, frame.samples, self._last_voiced_end)
             quiet_for = frame.end - self._last_voiced_end
             unconfirmed_for = frame.end - self._last_foreground_end
             if (not frame.voiced and quiet_for >= self._hangover) or (
@@ -293,14 +297,18 @@ class VadGate:
         # Voice began at the window's first voiced frame; the pre-roll reaches back from there
         # (never into the previous utterance, whose audio is already out).
         start = max(voiced[0].start - self._preroll, self._emitted_until, self._recent[0].start)
-        out.start(start)
-        for old in self._recent:
-            if old.end > start:
-                out.audio(max(old.start, start), old.samples[max(start - old.start, 0) :])
         self._in_speech = True
         self._voiced_levels = [f.level for f in voiced]
         self._last_voiced_end = voiced[-1].end
         self._last_foreground_end = max(f.end for f in voiced if f.foreground)
+        out.start(start)
+        for old in self._recent:
+            if old.end > start:
+                out.audio(
+                    max(old.start, start),
+                    old.samples[max(start - old.start, 0) :],
+                    self._last_voiced_end,
+                )
         self._recent.clear()
 
     def _end(self, at: int, out: _EventBuilder) -> None:
@@ -317,14 +325,16 @@ class _EventBuilder:
         self._events: list[VadEvent] = []
         self._chunks: list[np.ndarray] = []
         self._chunks_start = 0
+        self._voiced = -1
 
     def start(self, sample: int) -> None:
         self._close_audio()
         self._events.append(SpeechStarted(sample))
 
-    def audio(self, start: int, samples: np.ndarray) -> None:
+    def audio(self, start: int, samples: np.ndarray, last_voiced: int) -> None:
         self._chunks_start = start if not self._chunks else self._chunks_start
         self._chunks.append(samples)
+        self._voiced = last_voiced
 
     def end(self, event: SpeechEnded) -> None:
         self._close_audio()
@@ -337,7 +347,7 @@ class _EventBuilder:
     def _close_audio(self) -> None:
         if self._chunks:
             samples = np.concatenate(self._chunks).astype(np.float32, copy=False)
-            self._events.append(SpeechAudio(self._chunks_start, samples))
+            self._events.append(SpeechAudio(self._chunks_start, samples, self._voiced))
             self._chunks = []
 
 

@@ -135,9 +135,20 @@ class ScriptedVad:
     feed that reaches `end + end_delay` (0: together with the region's last audio, as VadGate
     does). `flush` ends an open region at the current position; the rest of that region, if
     more is fed, opens afresh (as VadGate's detection restarts after a flush).
+
+    With `hangover` (samples) or `pauses` ([start, end) stream samples inside regions), it also
+    says where voice was last heard, as VadGate does: the last `hangover` samples of each region
+    and the pauses are unvoiced; every SpeechAudio carries `last_voiced_sample` and SpeechEnded
+    gives the region's end less the hangover. Without them it says nothing (-1).
     """
 
-    def __init__(self, regions: Sequence[tuple[int, int]], end_delay: int = 0) -> None:
+    def __init__(
+        self,
+        regions: Sequence[tuple[int, int]],
+        end_delay: int = 0,
+        hangover: int = 0,
+        pauses: Sequence[tuple[int, int]] = (),
+    ) -> None:
         previous_end = 0
         for start, end in regions:
             if not previous_end <= start < end:
@@ -145,6 +156,9 @@ class ScriptedVad:
             previous_end = end + end_delay
         self._regions = list(regions)
         self._end_delay = end_delay
+        self._hangover = hangover
+        self._pauses = list(pauses)
+        self._tells_voice = bool(hangover or pauses)
         self._index = 0  # the next region to open, or the open one
         self._open = False
         self._sent = 0  # stream sample up to which the open region's audio is out
@@ -169,14 +183,24 @@ class ScriptedVad:
             stop = min(end, self._pos)
             if stop > self._sent:
                 chunk = samples[self._sent - begin : stop - begin].copy()
-                events.append(SpeechAudio(self._sent, chunk))
+                events.append(SpeechAudio(self._sent, chunk, self._last_voiced(stop, end)))
                 self._sent = stop
             if self._pos < end + self._end_delay:
                 break
-            events.append(SpeechEnded(end, end))
+            voiced = end - self._hangover
+            events.append(SpeechEnded(end, voiced, voiced if self._tells_voice else -1))
             self._open = False
             self._index += 1
         return events
+
+    def _last_voiced(self, until: int, region_end: int) -> int:
+        if not self._tells_voice:
+            return -1
+        voiced = min(until, region_end - self._hangover)
+        for start, end in self._pauses:
+            if start <= voiced < end:
+                voiced = start
+        return voiced
 
     def flush(self) -> list[VadEvent]:
         self.flushes += 1
@@ -184,12 +208,13 @@ class ScriptedVad:
             return []
         end = self._regions[self._index][1]
         at = min(self._pos, end)
+        voiced = self._last_voiced(at, end) if self._tells_voice else at
         self._open = False
         if self._pos < end:
             self._regions[self._index] = (self._pos, end)
         else:
             self._index += 1
-        return [SpeechEnded(at, at)]
+        return [SpeechEnded(at, voiced, voiced if self._tells_voice else -1)]
 
 
 # -- the engine -----------------------------------------------------------------------------------

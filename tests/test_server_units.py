@@ -171,12 +171,13 @@ def test_scheduler_takes_finals_first() -> None:
         await _wait_for(engine.entered.is_set)
         requests = [_request(1), _request(2), _request(3), replace(_request(4), final=True)]
         requests += [replace(_request(5), session_id="late"), _request(6)]
+        requests += [replace(_request(7), probe=True)]  # may be a final: served as one
         rest = [asyncio.create_task(scheduler.submit([r])) for r in requests]
-        await _wait_for(lambda: scheduler.queued == 6)
+        await _wait_for(lambda: scheduler.queued == 7)
         scheduler.promote("late")  # its utterance ended: its step holds up a final
         engine.gate.set()
         await asyncio.gather(first, *rest)
-        assert engine.calls == [[0], [4, 5], [1, 2], [3, 6]]
+        assert engine.calls == [[0], [4, 5], [7, 1], [2, 3], [6]]
         await scheduler.close()
 
     asyncio.run(main())

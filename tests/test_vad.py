@@ -151,6 +151,23 @@ def test_real_clip_is_passed_whole(file: str) -> None:
     assert last_voice <= utts[-1].end <= utts[-1].last_voiced + HANGOVER
 
 
+def test_speech_audio_says_where_voice_was_last_heard() -> None:
+    # what the session times its probe from (a pause while the hangover still runs)
+    audio, _ = padded_clip("en/librispeech_mister_quilter.flac")
+    events = realtime_chunks(VadGate(), audio)
+    utts = utterances(events, audio)
+    voiced = [
+        (e.start_sample + e.samples.size, e.last_voiced_sample)
+        for e in events
+        if isinstance(e, SpeechAudio)
+    ]
+    assert all(0 < last <= end for end, last in voiced)
+    assert [last for _, last in voiced] == sorted(last for _, last in voiced)
+    # during the final hangover voice is no longer heard: the last audio says where it stopped
+    assert voiced[-1] == (utts[-1].end, utts[-1].last_voiced)
+    assert utts[-1].end - voiced[-1][1] == HANGOVER
+
+
 def test_hangover_joins_short_pauses_and_splits_long_ones() -> None:
     clip = synth.clip("en/librispeech_mister_quilter.flac")
     voiced = np.flatnonzero(synth.voiced_mask(clip))

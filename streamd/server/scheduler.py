@@ -47,8 +47,8 @@ class _Job:
 
 
 def _priority(job: _Job) -> bool:
-    """Sort key: finals (and steps that hold one up) first, FIFO otherwise."""
-    return not (job.request.final or job.urgent)
+    """Sort key: finals (probes, and steps that hold one up) first, FIFO otherwise."""
+    return not (job.request.final or job.request.probe or job.urgent)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,10 @@ class SessionConfig:
     hold_uncertain_ms: at an utterance's final, trailing words under `min_commit_probability`
         wait this much more audio for the talker to go on (a pause inside a word: "聞き取れ|
         ている"); if speech resumes they are decoded again with it, else committed as they are.
+    probe_pauses: in a pause of the talker (no foreground speech), start no partial step and
+        decode one step 0.4 s into it, whose words are the final if the VAD then ends the
+        utterance: the final is ready when the hangover runs out (False: the old behaviour,
+        steps every `step_ms` regardless, the final decoded after the hangover).
     """
 
     vad: VadConfig = field(default_factory=VadConfig)
@@ -44,6 +48,7 @@ class SessionConfig:
     context_gap_s: float = 30.0
     min_commit_probability: float = 0.7
     hold_uncertain_ms: int = 500
+    probe_pauses: bool = True
 
     def __post_init__(self) -> None:
         from streamd.errors import ConfigError

@@ -28,6 +28,7 @@ HALLUCINATION_PHRASES = (
     "you",
     "bye",
     "yeah",  # on applause: JFK's clip tail, word probability 0.09-0.15, no_speech 0.50
+    "yes",  # the same applause, decoded 0.4 s after its last voiced frame: probability 0.09
     "ご視聴ありがとうございました",
     "ご覧いただきありがとうございます",
     "チャンネル登録",

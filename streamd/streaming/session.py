@@ -45,6 +45,11 @@ HANGOVER_WORD_MARGIN_S = 0.3
 # it: once the VAD ends the utterance (its hangover ran out), that step's words are the final
 # and no decode of the hangover's non-speech is needed.
 HEARD_AFTER_SPEECH_S = 0.4
+# A pause (no voiced frame) that reaches PROBE_AFTER_S gets one step at once, the probe
+# (`_Probe`). Once a pause is this long, a partial step starts only if it will be done
+# before it is in the way of the final (`Session._in_the_way`).
+PAUSE_WAIT_S = 0.1
+PROBE_AFTER_S = 0.25
 # An utterance with this much speech that decodes to nothing after earlier words is retried
 # without them (`Session._silenced_by_context`); a cough or a click is shorter.
 SILENCED_MIN_SPEECH_S = 0.5
@@ -67,6 +72,21 @@ class SpeechGate(Protocol):
     def flush(self) -> list[VadEvent]: ...
 
 
+@dataclass(frozen=True)
+class _Probe:
+    """A step decoded in a pause, `PROBE_AFTER_S` after the last voiced frame (`voiced`,
+    a stream sample; the last foreground speech, which `_heard_all` counts from, is no later):
+    if the VAD then ends the utterance with no more voice (`ended`), its words are the final,
+    ready when the hangover runs out instead of a decode later. If the talker goes on, or a
+    partial step commits words meanwhile, it is dropped: it takes no part in agreement, so the
+    partial steps of an utterance are the same with or without it."""
+
+    voiced: int
+    words: list[HypWord] = field(default_factory=list)
+    result: WindowResult | None = None  # None while it is being decoded
+    ended: bool = False
+
+
 @dataclass
 class SessionStats:
     """Counters for metrics and benchmarks."""
@@ -82,6 +102,8 @@ class SessionStats:
     retimed_words: int = 0  # words the alignment put in an utterance already finalized
     wordless_cut: int = 0  # utterances that left no word, cut out of the window
     held_words: int = 0  # uncertain last words that waited for the talker to go on
+    probes: int = 0  # steps decoded in a pause (`_Probe`)
+    probe_finals: int = 0  # of them, the ones that were the utterance's final
     guards: GuardStats = field(default_factory=GuardStats)
 
 
@@ -95,6 +117,7 @@ class _Window:
     tentative: list[HypWord] = field(default_factory=list)  # last hypothesis after them
     requested_until: int = 0  # window samples covered by the last request
     speaking: bool = False
+    voiced_until: int = -1  # stream sample: voice last heard in the open utterance (-1: not told)
     finals: list[int] = field(default_factory=list)  # utterances ended here (window samples)
     # per pending final: the stream time after which the VAD heard no foreground speech
     speech_until_s: list[float] = field(default_factory=list)
@@ -217,6 +240,9 @@ class Session:
         # uncertain last words of a finished utterance, waiting for the talker to go on
         self._held: _Held | None = None
         self._finalizing = False  # finalize() ended the speech: nothing is held back then
+        self._probe: _Probe | None = None  # a step decoded in the open utterance's pause
+        self._sent_at: float | None = None  # `now` of the audio before the request in flight
+        self._step_s = 0.0  # how long the last request took, wall time (0 on a virtual clock)
 
     # -- input ---------------------------------------------------------------------------------
 
@@ -270,11 +296,26 @@ class Session:
                     self._retire_committed()
                 w.start_piece(sample)
                 w.speaking = True
+                w.voiced_until = -1
                 self._events.append(SpeechStarted(sample / SAMPLE_RATE))
-            case SpeechAudio(samples=samples):
+            case SpeechAudio(samples=samples, last_voiced_sample=voiced):
                 w.audio = np.concatenate([w.audio, samples.astype(np.float32, copy=False)])
-            case VadEnded(sample=sample, last_foreground_sample=foreground, level_dbfs=level):
+                probe = self._probe
+                if probe is not None and not probe.ended and voiced > probe.voiced:
+                    self._probe = None  # the talker went on
+                w.voiced_until = max(w.voiced_until, voiced)
+            case VadEnded(
+                sample=sample,
+                last_voiced_sample=voiced,
+                last_foreground_sample=foreground,
+                level_dbfs=level,
+            ):
                 w.speaking = False
+                probe = self._probe
+                if probe is not None and not probe.ended:
+                    # (a commit since the probe would have dropped it: `_commit`)
+                    same = probe.voiced == voiced
+                    self._probe = replace(probe, ended=True) if same else None
                 w.finals.append(len(w.audio))
                 w.speech_until_s.append((foreground if foreground >= 0 else sample) / SAMPLE_RATE)
                 self._events.append(SpeechEnded(sample / SAMPLE_RATE, level))
@@ -297,8 +338,18 @@ class Session:
             until = w.finals[0]
             if w.requested_until >= self._heard_all(until) and self._last_result is not None:
                 # the last step already heard this whole utterance: its words are the final
+                self._probe = None  # (a partial step after the probe: it heard more)
                 self._finish_utterance(w.tentative, self._last_result)
                 return self.decode_requests(step_ms)
+            ready = self._probe
+            if ready is not None and ready.ended and ready.result is not None:
+                self._probe = None
+                self.stats.probe_finals += 1
+                # the next step comes when it would after a final request (the same grid)
+                w.requested_until = max(w.requested_until, until)
+                self._finish_utterance(ready.words, ready.result)
+                return self.decode_requests(step_ms)
+            probe = False
             too_short = w.new_speech(until) < self.config.min_window_ms * SAMPLE_RATE // 1000
             if too_short and not w.tentative:
                 # nothing new since the last commit, or a blip too short to hold a word
@@ -309,10 +360,13 @@ class Session:
                 return self.decode_requests(step_ms)
         else:
             until = len(w.audio)
-            step = self.config.step_ms if step_ms is None else step_ms
-            if until - w.requested_until < step * SAMPLE_RATE // 1000:
-                return []
             if w.new_speech(until) < self.config.min_window_ms * SAMPLE_RATE // 1000:
+                return []
+            pause_s = self._pause_s()
+            probe = pause_s >= PROBE_AFTER_S and self._probe is None
+            step = self.config.step_ms if step_ms is None else step_ms
+            due = until - w.requested_until >= step * SAMPLE_RATE // 1000
+            if not probe and (not due or self._in_the_way(pause_s)):
                 return []
         window = w.audio[: min(until, max_samples)]
         new_s = max(len(window) - w.committed_until(), 0) / SAMPLE_RATE
@@ -328,14 +382,41 @@ class Session:
             task=self.task,
             final=bool(w.finals) and w.finals[0] <= max_samples,
             max_tokens=self._max_tokens(new_s),
+            probe=probe,
         )
-        w.requested_until = len(window)
+        if probe:
+            # Not a step of the partial grid: `requested_until` stays, so if the talker goes
+            # on, the next partial step comes when it would have come without the probe.
+            self._probe = _Probe(w.voiced_until)
+            self.stats.probes += 1
+        else:
+            w.requested_until = len(window)
         return [self._send(request)]
+
+    def _in_the_way(self, pause_s: float) -> bool:
+        """Would a partial step started `pause_s` into a pause still be decoding when the probe
+        is due or, after the probe, when the VAD may end the utterance (its hangover after the
+        last voiced frame)? Judged by the last step's wall time: on a virtual clock, or a fast
+        engine, the partial steps of a pause go on (agreement may commit words before the VAD
+        ends the utterance); on a slow one they would hold the engine and delay the final."""
+        if pause_s < PAUSE_WAIT_S:
+            return False
+        done_by = self.config.vad.hangover_ms / 1000 if self._probe else PROBE_AFTER_S
+        return pause_s + self._step_s >= done_by
+
+    def _pause_s(self) -> float:
+        """Seconds of the open utterance's audio since its last voiced frame (0 when the VAD
+        does not say, or the talker goes on)."""
+        w = self._window
+        if not self.config.probe_pauses or not w.speaking or w.voiced_until < 0:
+            return 0.0
+        return (w.stream_end() - w.voiced_until) / SAMPLE_RATE
 
     def _send(self, request: WindowRequest) -> WindowRequest:
         """Put `request` in flight and count it."""
         self._next_request += 1
         self._in_flight = request
+        self._sent_at = self._last_audio_now
         self.stats.requests += 1
         self.stats.audio_decoded_s += len(request.audio) / SAMPLE_RATE
         return request
@@ -393,12 +474,17 @@ class Session:
         if result.request_id != request.request_id:
             raise SessionStateError("result does not belong to its request")
         self._in_flight = None
+        if self._sent_at is not None:
+            self._step_s = max(now - self._sent_at, 0.0)
         self.stats.forward_passes += result.forward_passes
         self.stats.draft_tokens += result.draft_tokens
         self.stats.accepted_tokens += result.accepted_tokens
         if request.request_id == self._alone_id:
             self._alone_done(request, result)
             return
+        probe = self._probe if request.probe else None
+        if request.probe and probe is None:
+            return  # the talker went on while it was decoded, or a step committed words
         w = self._window
         window_end_s = request.to_stream_s(len(request.audio) / SAMPLE_RATE)
         start_s = w.committed[-1].end if w.committed else request.to_stream_s(0.0)
@@ -425,6 +511,15 @@ class Session:
             # final is retried; a partial step's words come from the next step).
             self._forget_context()
             self._clear_hypothesis()
+            return
+        if probe is not None:
+            self._probe = None if probe.ended else replace(probe, words=words, result=result)
+            if probe.ended:  # the VAD ended the utterance while the probe was decoded
+                self.stats.probe_finals += 1
+                w.requested_until = max(w.requested_until, w.finals[0])
+                self._finish_utterance(words, result)
+            else:
+                self._set_partial(words)
             return
         if final:
             self._finish_utterance(words, result)
@@ -455,6 +550,7 @@ class Session:
             w.trim_to(w.committed_until())
             self._retire_committed()
         self._prompt.clear()
+        self._probe = None  # decoded with that context
         self.stats.context_resets += 1
 
     def _after_finished(self, words: list[HypWord]) -> list[HypWord]:
@@ -589,6 +685,7 @@ class Session:
     def _commit(self, words: list[HypWord], result: WindowResult) -> None:
         if not words:
             return
+        self._probe = None  # decoded after other forced words: no longer the utterance's rest
         if self.language is None:
             self.language = result.language  # detected once, then kept: short windows flip
         self._window.committed.extend(words)

@@ -23,6 +23,8 @@ class WindowRequest:
     prompt: committed tokens before the window (context); forced: committed tokens inside the
     window (the output must start with them); draft: the last tentative hypothesis after them.
     final: the utterance has ended; every word in the result will be committed.
+    probe: a step in a pause of the talker, whose words are the final if the VAD ends the
+        utterance there (a scheduler serves it as soon as a final).
     max_tokens: a bound on new tokens for this much audio (a loop stops early, not at 224).
     """
 
@@ -37,6 +39,7 @@ class WindowRequest:
     task: str
     final: bool
     max_tokens: int | None = None
+    probe: bool = False
 
     def _piece_at(self, sample: int) -> tuple[int, int]:
         """The (window, stream) start of the piece holding window sample `sample`."""
