@@ -30,10 +30,11 @@ class SessionConfig:
     hold_uncertain_ms: at an utterance's final, trailing words under `min_commit_probability`
         wait this much more audio for the talker to go on (a pause inside a word: "聞き取れ|
         ている"); if speech resumes they are decoded again with it, else committed as they are.
-    probe_pauses: in a pause of the talker (no foreground speech), start no partial step and
-        decode one step 0.4 s into it, whose words are the final if the VAD then ends the
-        utterance: the final is ready when the hangover runs out (False: the old behaviour,
-        steps every `step_ms` regardless, the final decoded after the hangover).
+    probe_pauses: decode one step (the probe) 0.25 s into each pause of the talker (no voiced
+        frame), whose words are the final if the VAD then ends the utterance, so the final is
+        ready when the hangover runs out; and start no partial step in a pause that would still
+        be decoding when the probe, or the final, is due (judged by the last step's wall time).
+        False: steps every `step_ms` regardless, the final decoded after the hangover.
     """
 
     vad: VadConfig = field(default_factory=VadConfig)
