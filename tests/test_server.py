@@ -955,6 +955,8 @@ def test_metrics_exposes_the_daemon_metrics(daemon: Daemon) -> None:
         "streamd_finals_total",
         "# TYPE streamd_guard_dropped_words_total counter",
         "streamd_context_resets_total",
+        "streamd_pause_probes_total",
+        "streamd_probe_finals_total",
         "streamd_speech_level_dbfs_bucket",
         'streamd_errors_total{code="bad_message"}',
     ):
@@ -971,6 +973,8 @@ def test_metrics_exposes_the_daemon_metrics(daemon: Daemon) -> None:
     assert delta("streamd_finalization_latency_seconds_count") == delta("streamd_finals_total")
     assert delta("streamd_decode_batch_size_count") >= 1
     assert delta("streamd_decoder_forward_passes_total") >= 1
+    # (whether a pause is probed depends on the engine's timing: tests/test_pause_probe.py)
+    assert 0 <= delta("streamd_probe_finals_total") <= delta("streamd_pause_probes_total")
     ended = client.of_type("speech_ended")
     assert ended and delta("streamd_speech_level_dbfs_count") == len(ended)
     # (no _sum: prometheus_client leaves it out of histograms with negative buckets)

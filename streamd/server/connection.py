@@ -110,6 +110,7 @@ class StreamConnection:
         self._close_reason = "end"
         self._guards_seen: dict[str, int] = {}
         self._resets_seen = 0
+        self._probes_seen = (0, 0)  # probes, probe finals already counted
         self.done = asyncio.Event()  # the stream is over and its finals are journaled
         # after `ready`, one writer task sends everything, in seq order, so that events go out
         # as soon as they happen (the receiver's too) without two tasks interleaving sends
@@ -449,9 +450,12 @@ class StreamConnection:
             if new:
                 self.s.metrics.guard_dropped.labels(guard).inc(new)
                 self._guards_seen[guard] = words
-        resets = self.session.stats.context_resets
-        self.s.metrics.context_resets.inc(resets - self._resets_seen)
-        self._resets_seen = resets
+        stats = self.session.stats
+        self.s.metrics.context_resets.inc(stats.context_resets - self._resets_seen)
+        self._resets_seen = stats.context_resets
+        self.s.metrics.probes.inc(stats.probes - self._probes_seen[0])
+        self.s.metrics.probe_finals.inc(stats.probe_finals - self._probes_seen[1])
+        self._probes_seen = (stats.probes, stats.probe_finals)
 
     def _flush_events(self) -> None:
         assert self.session is not None

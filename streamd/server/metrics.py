@@ -90,6 +90,12 @@ class Metrics:
             "Decoding contexts dropped: the decoder looped on them or wrote nothing after them",
             registry=r,
         )
+        self.probes = Counter(
+            "streamd_pause_probes", "Steps decoded 0.25 s into a pause of the talker", registry=r
+        )
+        self.probe_finals = Counter(
+            "streamd_probe_finals", "Pause probes that were their utterance's final", registry=r
+        )
         self.errors = Counter("streamd_errors", "error messages sent", ["code"], registry=r)
         self.finals = Counter("streamd_finals", "Finals sent", registry=r)
         self.mqtt_connected = Gauge("streamd_mqtt_connected", "1 when the broker is up", registry=r)
