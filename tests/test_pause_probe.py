@@ -48,10 +48,6 @@ def session_for(
     return Session(config, vad=vad)
 
 
-def ends(requests: Sequence[WindowRequest]) -> list[float]:
-    return [round(window_end_s(r), 2) for r in requests]
-
-
 def test_the_probe_is_the_final_ready_when_the_vad_ends_the_utterance() -> None:
     engine = ScriptedEngine(EIGHT)
     session = session_for([REGION])

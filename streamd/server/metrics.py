@@ -91,7 +91,7 @@ class Metrics:
             registry=r,
         )
         self.probes = Counter(
-            "streamd_pause_probes", "Steps decoded 0.25 s into a pause of the talker", registry=r
+            "streamd_pause_probes", "Steps decoded early in a pause of the talker", registry=r
         )
         self.probe_finals = Counter(
             "streamd_probe_finals", "Pause probes that were their utterance's final", registry=r

@@ -343,11 +343,7 @@ class Session:
                 return self.decode_requests(step_ms)
             ready = self._probe
             if ready is not None and ready.ended and ready.result is not None:
-                self._probe = None
-                self.stats.probe_finals += 1
-                # the next step comes when it would after a final request (the same grid)
-                w.requested_until = max(w.requested_until, until)
-                self._finish_utterance(ready.words, ready.result)
+                self._final_from_probe(ready.words, ready.result)
                 return self.decode_requests(step_ms)
             probe = False
             too_short = w.new_speech(until) < self.config.min_window_ms * SAMPLE_RATE // 1000
@@ -513,12 +509,10 @@ class Session:
             self._clear_hypothesis()
             return
         if probe is not None:
-            self._probe = None if probe.ended else replace(probe, words=words, result=result)
             if probe.ended:  # the VAD ended the utterance while the probe was decoded
-                self.stats.probe_finals += 1
-                w.requested_until = max(w.requested_until, w.finals[0])
-                self._finish_utterance(words, result)
+                self._final_from_probe(words, result)
             else:
+                self._probe = replace(probe, words=words, result=result)
                 self._set_partial(words)
             return
         if final:
@@ -537,6 +531,15 @@ class Session:
         self._last_result = result
         self._maybe_trim(window_s)
         self._set_partial(w.tentative)
+
+    def _final_from_probe(self, words: list[HypWord], result: WindowResult) -> None:
+        """The probe's words are the final of the first pending utterance."""
+        w = self._window
+        self._probe = None
+        self.stats.probe_finals += 1
+        # the next step comes when it would after a final request (the same grid)
+        w.requested_until = max(w.requested_until, w.finals[0])
+        self._finish_utterance(words, result)
 
     def _forget_context(self) -> None:
         """The decoder looped: once a phrase is in its context (forced at the window's start, or
