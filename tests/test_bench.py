@@ -324,3 +324,31 @@ def test_bench_end_to_end_one_client(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert (out / "messages" / "n1-client0.json").is_file()
     assert data["machine"]["encoder_pass_s"] > 0 and data["machine"]["cpu"]
     assert stdout.splitlines()[-1].startswith("machine: ")
+
+
+def test_right_context_windows_join_the_vad_utterances() -> None:
+    """bench.right_context: the utterances the VAD finds in the Japanese stream, joined end to
+    end (each piece mapped back to where it was in the stream) or with the pauses kept."""
+    from bench.right_context import utterance_spans, window
+
+    stream = evaluation_stream("ja", 0)
+    spans = utterance_spans(stream.audio)
+    ja_1 = stream.utterances[0]
+    inside = [s for s in spans if ja_1.start_s * SAMPLE_RATE <= s[0] < ja_1.end_s * SAMPLE_RATE]
+    assert len(inside) >= 3  # the talker pauses between the three phrases
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+    p1, p2, p3 = inside[:3]
+
+    abrupt = window(stream.audio, [p1, p2, p3], abrupt=True, request_id=0)
+    lengths = [end - start for start, end in (p1, p2, p3)]
+    assert abrupt.audio.size == sum(lengths)
+    assert abrupt.pieces == ((0, p1[0]), (lengths[0], p2[0]), (lengths[0] + lengths[1], p3[0]))
+    np.testing.assert_array_equal(
+        abrupt.audio[lengths[0] :][: lengths[1]], stream.audio[p2[0] : p2[1]]
+    )
+    assert abrupt.to_stream_s(lengths[0] / SAMPLE_RATE) == p2[0] / SAMPLE_RATE
+
+    real = window(stream.audio, [p1, p2], abrupt=False, request_id=1)
+    assert real.pieces == ((0, p1[0]),)
+    np.testing.assert_array_equal(real.audio, stream.audio[p1[0] : p2[1]])
+    assert real.final and real.language == "ja" and not real.forced
