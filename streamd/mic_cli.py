@@ -68,6 +68,7 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
     from streamd.cli import encoder_precision
 
     decoder = WindowDecoder(model, encoder_precision=encoder_precision(args))
+    decoder.warm_up()  # before the first words, not during them
     on_event = EventPrinter(sys.stdout, args.jsonl, warn=sys.stderr, level_told=level_given(args))
 
     resampled = "" if source.rate_hz == 16000 else f", resampled from {source.rate_hz} Hz"

@@ -76,6 +76,8 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
         printer(item)
 
     if args.realtime:
+        # computation-aware: the first decode's lazy initialisation is not the talker's wait
+        decoder.warm_up()
         asyncio.run(replay_realtime(session, audio, decoder.decode, on_event=on_event))
     else:
         for item in replay_virtual(session, audio, decoder.decode):

@@ -39,6 +39,7 @@ from streamd.mic import (
 from streamd.streaming.events import Final
 from streamd.streaming.replay import run_live
 from streamd.streaming.session import Session
+from streamd.streaming.window_decoder import WindowDecoder
 from tests.audio_fixtures import shared_audio_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -393,9 +394,19 @@ def test_cli_captions_until_ctrl_c_then_flushes_the_last_words(
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGINT)
 
+    # the first decode's lazy initialisation is paid before the microphone starts
+    warmed: list[int] = []
+    real_warm_up = WindowDecoder.warm_up
+
+    def warm_up(self: WindowDecoder) -> float:
+        warmed.append(len(injected.streams))
+        return real_warm_up(self)
+
+    monkeypatch.setattr(WindowDecoder, "warm_up", warm_up)
     monkeypatch.setattr(mic, "open_input", open_input)
     threading.Thread(target=press_ctrl_c, daemon=True).start()
     code = main(["mic", "--model", "tiny.en", "--language", "en", "--device", "Fake", "--jsonl"])
+    assert warmed == [0]  # once, and no input stream had been opened yet
 
     out, err = capsys.readouterr()
     assert code == 0

@@ -289,3 +289,47 @@ def test_a_word_cut_by_a_pause_is_heard_whole_with_what_follows(
     session, text, _ = ja_seed1
     assert session.stats.held_words >= 1
     assert "聞き取れている" in text, text
+
+
+def test_warm_up_is_one_decode_of_a_full_window() -> None:
+    model = load_model("tiny.en")
+    decoder = WindowDecoder(model)
+    shapes: list[tuple[int, ...]] = []
+    encode = decoder.engine.encode
+
+    def counted(mel: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(mel.shape))
+        return encode(mel)
+
+    decoder.engine.encode = counted  # type: ignore[method-assign]
+    assert decoder.warm_up() > 0
+    assert shapes == [(1, model.dims.n_mels, 3000)]
+
+
+def test_realtime_replay_warms_the_decoder_up_before_its_clock_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from streamd.streaming import replay
+    from tests.audio_fixtures import shared_audio_dir
+
+    calls: list[str] = []
+    real_warm_up, real_replay = WindowDecoder.warm_up, replay.replay_realtime
+
+    def warm_up(self: WindowDecoder) -> float:
+        calls.append("warm-up")
+        return real_warm_up(self)
+
+    async def replay_realtime(*args: object, **kwargs: object) -> object:
+        calls.append("replay")
+        return await real_replay(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(WindowDecoder, "warm_up", warm_up)
+    monkeypatch.setattr(replay, "replay_realtime", replay_realtime)
+    clip = shared_audio_dir() / "en" / "librispeech_1089-134686-0001.wav"
+    assert main(["replay", "--realtime", str(clip)]) == 0
+    assert calls == ["warm-up", "replay"]
+    assert "belly" in capsys.readouterr().out.lower()
+    # the virtual clock does not need it: its times are audio times
+    calls.clear()
+    assert main(["replay", str(clip)]) == 0
+    assert calls == []

@@ -12,7 +12,6 @@ import json
 import logging
 import mimetypes
 import signal
-import time
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -114,12 +113,9 @@ class Daemon:
         return 0
 
     def _load(self) -> Any:
-        import numpy as np
-
         from streamd.engine.precision import resolve_encoder_precision
         from streamd.errors import ConfigError
         from streamd.models.loader import load_model
-        from streamd.streaming.window import WindowRequest
         from streamd.streaming.window_decoder import WindowDecoder
 
         if self.config.engine != "torch":
@@ -137,12 +133,8 @@ class Daemon:
         decoder = WindowDecoder(
             model, buckets_s=self.config.encoder_buckets_s, encoder_precision=precision
         )
-        # warm-up: the first call pays for lazy initialisation; no client should
-        noise = np.random.default_rng(0).normal(0, 0.01, 16_000).astype(np.float32)
-        warm = WindowRequest("warmup", 0, ((0, 0),), noise, (), (), (), "en", "transcribe", True)
-        started = time.monotonic()
-        decoder.decode([warm])
-        log.info("warm-up decode took %.2f s", time.monotonic() - started)
+        # the first decode pays for lazy initialisation, which no client should wait for
+        log.info("warm-up decode took %.2f s", decoder.warm_up())
         return decoder, model
 
     def _start_mqtt(self) -> tuple[asyncio.Task[None] | None, Any]:
