@@ -352,3 +352,15 @@ def test_right_context_windows_join_the_vad_utterances() -> None:
     assert real.pieces == ((0, p1[0]),)
     np.testing.assert_array_equal(real.audio, stream.audio[p1[0] : p2[1]])
     assert real.final and real.language == "ja" and not real.forced
+
+
+def test_voiced_bounds_start_at_the_talker_not_at_a_click() -> None:
+    # ja_1: a 10 ms click 30 dB under the peak at 0.2 s, then the talker from about 1.56 s
+    first, last = voiced_bounds("ja/reazonspeech_test_ja_1.wav")
+    assert 1.5 <= first <= 1.6
+    assert last == 12.89  # the end is the last loud frame, as every latency so far took it
+    audio = clip("ja/reazonspeech_test_ja_1.wav")
+    click = audio[int(0.15 * SAMPLE_RATE) : int(0.25 * SAMPLE_RATE)]
+    assert rms_dbfs(click) > rms_dbfs(audio[SAMPLE_RATE // 2 : SAMPLE_RATE])  # it is there
+    # a clip that opens with speech keeps its start: jfk.flac's first word at 0.32 s
+    assert voiced_bounds("en/jfk.flac") == (0.32, 11.0)
