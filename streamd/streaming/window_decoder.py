@@ -63,9 +63,9 @@ class WindowDecoder:
     def warm_up(self) -> float:
         """Decode one second of faint noise once; return how long that took, in seconds.
 
-        The first decode pays for lazy initialisation (kernel selection, buffers): 2-3x a
-        normal step. A live driver calls this before its clock starts, so that the first
-        talker's first final does not pay for it.
+        The first decode of a process pays for lazy initialisation (kernel selection,
+        buffers). A live driver calls this before its clock starts, so that the first
+        talker's first finals do not pay for it (docs/streaming.md, "Shape of the code").
         """
         noise = np.random.default_rng(0).normal(0, 0.01, SAMPLE_RATE).astype(np.float32)
         warm = WindowRequest("warmup", 0, ((0, 0),), noise, (), (), (), "en", "transcribe", True)
