@@ -24,12 +24,12 @@ from tests.scripted import (
     to_samples,
     true_words,
 )
-from tests.test_session import drive, window_end_s
+from tests.test_session import EIGHT, drive, window_end_s
+from tests.test_session import EIGHT_REGION as REGION
 
 HANGOVER_S = 0.6
-# 8 words from 0.3 s to 4.2 s; voice last heard at 4.2 s, the VAD ends the utterance at 4.8 s
-EIGHT = spoken(distinct_words(8), start_s=0.3)
-REGION = (0.0, 4.8)
+# EIGHT: 8 words from 0.3 s to 4.2 s; voice last heard at 4.2 s, the VAD ends the utterance
+# at 4.8 s (REGION's end, the hangover after it)
 VOICED_END_S = 4.2
 
 
