@@ -69,7 +69,10 @@ def main() -> None:
     parser.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS, default="auto")
     args = parser.parse_args()
     audio = evaluation_stream("ja", args.seed).audio
-    p1, p2, p3 = utterance_spans(audio)[:3]
+    spans = utterance_spans(audio)
+    if len(spans) < 3:
+        parser.error(f"the VAD found {len(spans)} utterance(s) in the Japanese stream, need 3")
+    p1, p2, p3 = spans[:3]
     precision = resolve_encoder_precision(args.encoder_precision, "cpu")
     decoder = WindowDecoder(load_model("base"), encoder_precision=precision)
     cases = [
