@@ -33,3 +33,9 @@ class EngineError(StreamdError):
 class SessionStateError(StreamdError):
     """A session was driven out of order (a result for a request it did not issue, audio after
     the end of the stream). A bug in the driver, not in the audio."""
+
+
+class DecodeCancelled(StreamdError):
+    """A decode was stopped on purpose before it finished (its session no longer wanted it:
+    a final became due while a partial step was being decoded). Not a failure: nothing is
+    retried, and the session is told (`Session.decode_cancelled`)."""

@@ -14,7 +14,7 @@ from streamd.session_flags import add_session_flags, level_given, session_config
 if TYPE_CHECKING:
     from streamd.mic import AudioSource, CaptureStats, InputDevice
     from streamd.models.loader import LoadedModel
-    from streamd.streaming.replay import DecodeFn, Emitted
+    from streamd.streaming.replay import Emitted, LiveDecodeFn
     from streamd.streaming.session import Session
 
 
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], LoadedMod
 
 
 async def _capture(
-    source: AudioSource, session: Session, decode: DecodeFn, on_event: Callable[[Emitted], None]
+    source: AudioSource, session: Session, decode: LiveDecodeFn, on_event: Callable[[Emitted], None]
 ) -> None:
     """`run_live` until the source ends or Ctrl-C; a second Ctrl-C quits without the flush."""
     from streamd.streaming.replay import run_live

@@ -16,6 +16,7 @@ Run with `pytest -s` to see the forward passes saved.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -27,8 +28,9 @@ from whisper.decoding import DecodingOptions, DecodingResult
 
 from streamd.audio import load_audio
 from streamd.decoding.greedy import DecodeRequest, DecodeResult, GreedyDecoder
+from streamd.engine.protocol import StepOutput
 from streamd.engine.torch_engine import TorchEngine
-from streamd.errors import EngineError
+from streamd.errors import DecodeCancelled, EngineError
 from streamd.models.loader import LoadedModel, load_model
 from tests.audio_fixtures import shared_audio_dir
 
@@ -317,3 +319,40 @@ def test_forced_prefix_continues_like_plain_greedy(tiny: Model) -> None:
         assert o.forced_logprobs[1:] == pytest.approx(p.token_logprobs[1 : len(f)], abs=1e-4)
         assert o.forced_logprobs[0] == pytest.approx(p.token_logprobs[0], abs=2e-3)
         assert o.alignment_qk.shape[1] == len(f) + len(o.tokens) + 1
+
+
+class _StepCounting:
+    """The tiny engine, counting decode steps and setting `cancel` after the `after`-th."""
+
+    def __init__(self, engine: TorchEngine, cancel: threading.Event, after: int) -> None:
+        self.engine, self.cancel, self.after = engine, cancel, after
+        self.steps = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.engine, name)
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> StepOutput:
+        self.steps += 1
+        if self.steps == self.after:
+            self.cancel.set()  # as the driver's thread would, while the decoder runs
+        return self.engine.decode_step(tokens, positions)
+
+
+def test_a_cancelled_decode_stops_at_the_next_decoder_pass(tiny: Model) -> None:
+    plain, _ = _plain(tiny, without_timestamps=True)
+    assert all(len(r.tokens) > 5 for r in plain)  # without a draft, one step per token
+    cancel = threading.Event()
+    engine = TorchEngine(tiny.loaded.model, tiny.loaded.alignment_heads, max_batch=4)
+    counting = _StepCounting(engine, cancel, after=3)
+    decoder = GreedyDecoder(
+        counting,  # type: ignore[arg-type]  # the engine's members, through __getattr__
+        tiny.loaded.tokenizer,
+        tiny.loaded.is_multilingual,
+    )
+    request = DecodeRequest(language="en", without_timestamps=True)
+    with pytest.raises(DecodeCancelled):
+        decoder.decode(tiny.features, [request] * len(EN_CLIPS), cancel)
+    assert counting.steps == 3  # no pass after the one during which it was cancelled
+    # and a decode that is not cancelled is unchanged by the check
+    results = decoder.decode(tiny.features, [request] * len(EN_CLIPS), threading.Event())
+    assert [r.tokens for r in results] == [r.tokens for r in plain]

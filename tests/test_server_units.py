@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamd.errors import ConfigError, EngineError
+from streamd.errors import ConfigError, DecodeCancelled, EngineError
 from streamd.server.cli import overrides
 from streamd.server.config import Config, load_config
 from streamd.server.journal import Journal
@@ -118,13 +118,20 @@ class _GatedEngine:
 
     def __init__(self, fail_on: int | None = None) -> None:
         self.calls: list[list[int]] = []
+        self.stopped: list[list[int]] = []  # batches cancelled while they waited at the gate
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.fail_on = fail_on
 
-    def __call__(self, requests: list[WindowRequest]) -> list[WindowResult]:
+    def __call__(
+        self, requests: list[WindowRequest], *, cancel: threading.Event | None = None
+    ) -> list[WindowResult]:
         self.entered.set()
-        self.gate.wait(10)
+        deadline = time.monotonic() + 10
+        while not self.gate.wait(0.01) and time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set():  # as the engine checks between layers
+                self.stopped.append([r.request_id for r in requests])
+                raise DecodeCancelled("stopped")
         self.calls.append([r.request_id for r in requests])
         if self.fail_on is not None and any(r.request_id == self.fail_on for r in requests):
             raise RuntimeError("engine broke")
@@ -230,6 +237,50 @@ def test_scheduler_load_follows_engine_busy_time() -> None:
         assert scheduler.load() < 0.5
         scheduler._decay(time.monotonic() + 10.0, busy_s=10.0)  # 10 s of solid work
         assert scheduler.load() > 0.9
+        await scheduler.close()
+
+    asyncio.run(main())
+
+
+def test_scheduler_cancel_withdraws_a_waiting_request_and_stops_a_lone_one() -> None:
+    async def main() -> None:
+        engine = _GatedEngine()
+        scheduler = Scheduler(engine, max_batch=1, batch_wait_ms=0)
+        scheduler.start()
+        running = asyncio.create_task(scheduler.submit([_request(0)]))
+        await _wait_for(engine.entered.is_set)
+        waiting = asyncio.create_task(scheduler.submit([_request(1)]))
+        other = asyncio.create_task(scheduler.submit([_request(2)]))
+        await _wait_for(lambda: scheduler.queued == 2)
+        scheduler.cancel("s1")  # waiting: it leaves the queue
+        assert scheduler.queued == 1
+        with pytest.raises(DecodeCancelled):
+            await waiting
+        scheduler.cancel("s0")  # alone in the engine: the engine stops it
+        with pytest.raises(DecodeCancelled):
+            await running
+        assert engine.stopped == [[0]]
+        engine.gate.set()
+        assert (await other)[0].request_id == 2  # the others are served as before
+        assert engine.calls == [[2]]
+        await scheduler.close()
+
+    asyncio.run(main())
+
+
+def test_scheduler_cancel_does_not_stop_a_batch_others_still_want() -> None:
+    async def main() -> None:
+        engine = _GatedEngine()
+        scheduler = Scheduler(engine, max_batch=2, batch_wait_ms=50)
+        scheduler.start()
+        tasks = [asyncio.create_task(scheduler.submit([_request(i)])) for i in range(2)]
+        await _wait_for(engine.entered.is_set)  # both in one batch
+        scheduler.cancel("s0")
+        await asyncio.sleep(0.05)
+        engine.gate.set()
+        results = await asyncio.gather(*tasks)
+        assert [r[0].request_id for r in results] == [0, 1]  # s0 gets its result anyway
+        assert engine.stopped == [] and engine.calls == [[0, 1]]
         await scheduler.close()
 
     asyncio.run(main())

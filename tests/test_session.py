@@ -105,6 +105,9 @@ class Drive:
 
     events: list[Event] = field(default_factory=list)
     after: dict[int, list[Event]] = field(default_factory=dict)
+    sent_at: dict[int, int] = field(default_factory=dict)  # request id -> samples fed by then
+    sent: dict[int, WindowRequest] = field(default_factory=dict)  # every request, by id
+    cancelled: list[int] = field(default_factory=list)  # request ids stopped while held
 
 
 def drive(
@@ -113,9 +116,12 @@ def drive(
     audio: np.ndarray,
     chunk_ms: int = CHUNK_MS,
     hold: Callable[[WindowRequest], int | None] | None = None,
+    cancel: bool = False,
 ) -> Drive:
     """Feed `audio` chunk by chunk (now = audio time), answering each request at once unless
-    `hold(request)` gives a stream sample: then its result comes once that much is fed."""
+    `hold(request)` gives a stream sample: then its result comes once that much is fed.
+    cancel: after each chunk, a held request the session calls `superseded` is stopped
+    (`decode_cancelled`), as the live drivers do."""
     run = Drive()
     held: list[tuple[int, WindowRequest]] = []
     fed = 0
@@ -138,6 +144,8 @@ def drive(
                 answer(request, now)
             requests = session.decode_requests()
             for r in requests:
+                run.sent_at[r.request_id] = fed
+                run.sent[r.request_id] = r
                 until = hold(r) if hold is not None else None
                 if until is not None and fed < until and not release_all:
                     held.append((until, r))
@@ -152,6 +160,12 @@ def drive(
         fed += len(chunk)
         session.feed_audio(chunk, fed / SAMPLE_RATE)
         collect()
+        if cancel and held and session.superseded():
+            (_, request), *others = held
+            assert not others  # one request in flight per session
+            held.clear()
+            session.decode_cancelled(request, fed / SAMPLE_RATE)
+            run.cancelled.append(request.request_id)
         pump(fed / SAMPLE_RATE)
     session.end_stream(fed / SAMPLE_RATE)
     collect()

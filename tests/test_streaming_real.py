@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 from functools import cache
 
@@ -183,9 +184,9 @@ def test_encoder_context_buckets(tiny: WindowDecoder) -> None:
     encoded: list[int] = []
     encode = bucketed.engine.encode
 
-    def spy(mel: torch.Tensor) -> torch.Tensor:
+    def spy(mel: torch.Tensor, cancel: threading.Event | None = None) -> torch.Tensor:
         encoded.append(mel.shape[-1])
-        return encode(mel)
+        return encode(mel, cancel)
 
     bucketed.engine.encode = spy  # type: ignore[method-assign]
     try:
@@ -297,9 +298,9 @@ def test_warm_up_is_one_decode_of_a_full_window() -> None:
     shapes: list[tuple[int, ...]] = []
     encode = decoder.engine.encode
 
-    def counted(mel: torch.Tensor) -> torch.Tensor:
+    def counted(mel: torch.Tensor, cancel: threading.Event | None = None) -> torch.Tensor:
         shapes.append(tuple(mel.shape))
-        return encode(mel)
+        return encode(mel, cancel)
 
     decoder.engine.encode = counted  # type: ignore[method-assign]
     assert decoder.warm_up() > 0

@@ -17,6 +17,7 @@ Run with `pytest -s` to see the measured differences.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from whisper.model import disable_sdpa
 from streamd.audio import load_audio
 from streamd.engine.protocol import PrefillOutput, StepOutput
 from streamd.engine.torch_engine import TorchEngine
-from streamd.errors import EngineError
+from streamd.errors import DecodeCancelled, EngineError
 from streamd.models.loader import LoadedModel, load_model
 from tests.audio_fixtures import shared_audio_dir
 
@@ -286,6 +287,33 @@ def test_kv_cache_is_preallocated(setup: Setup) -> None:
     assert rows_early == rows_late
     assert early[0] > 0  # the profiler did see the step's allocations
     assert _cache_pointers(engine) == before
+
+
+def test_encode_stops_between_layers_when_cancelled(setup: Setup) -> None:
+    encoder = setup.loaded.model.encoder
+    mel = torch.zeros(1, setup.loaded.dims.n_mels, 3000)
+    cancel = threading.Event()
+    ran: list[int] = []
+
+    def record(layer: int) -> Callable[..., None]:
+        def hook(*_: object) -> None:
+            ran.append(layer)
+            if layer == 1:
+                cancel.set()  # as the driver's thread would, during the second layer
+
+        return hook
+
+    hooks = [b.register_forward_hook(record(i)) for i, b in enumerate(encoder.blocks)]
+    try:
+        with pytest.raises(DecodeCancelled):
+            setup.engine.encode(mel, cancel)
+        assert ran == [0, 1] < list(range(len(encoder.blocks)))  # no layer after it
+        ran.clear()
+        setup.engine.encode(mel, threading.Event())  # not set: every layer
+        assert ran == list(range(len(encoder.blocks)))
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def test_bad_shapes_raise_engine_error(setup: Setup) -> None:

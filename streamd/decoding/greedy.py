@@ -10,6 +10,7 @@ gives; only the number of forward passes changes.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from whisper.tokenizer import Tokenizer
 from whisper.utils import compression_ratio
 
 from streamd.decoding.rules import RowRules
+from streamd.engine.cancel import raise_if_cancelled
 from streamd.engine.protocol import Engine
 from streamd.errors import EngineError
 
@@ -142,8 +144,15 @@ class GreedyDecoder:
                 out.append((codes[int(row.argmax())], scores))
         return out
 
-    def decode(self, features: torch.Tensor, requests: list[DecodeRequest]) -> list[DecodeResult]:
-        """Decode each request against its row of `features` [B, n_audio_ctx, d]."""
+    def decode(
+        self,
+        features: torch.Tensor,
+        requests: list[DecodeRequest],
+        cancel: threading.Event | None = None,
+    ) -> list[DecodeResult]:
+        """Decode each request against its row of `features` [B, n_audio_ctx, d].
+
+        cancel: looked at before every engine call; when set, `DecodeCancelled`."""
         if features.shape[0] != len(requests):
             raise EngineError(f"{features.shape[0]} feature rows for {len(requests)} requests")
         languages = [r.language for r in requests]
@@ -161,7 +170,7 @@ class GreedyDecoder:
                     requests[start : start + step], languages[start : start + step], strict=True
                 )
             ]
-            results.extend(self._decode_batch(features[start : start + step], rows))
+            results.extend(self._decode_batch(features[start : start + step], rows, cancel))
         return results
 
     def _new_row(self, request: DecodeRequest, language: str) -> _Row:
@@ -208,7 +217,9 @@ class GreedyDecoder:
                 row.done = True  # out of room: keep what we have, as openai-whisper does
         return token
 
-    def _decode_batch(self, features: torch.Tensor, rows: list[_Row]) -> list[DecodeResult]:
+    def _decode_batch(
+        self, features: torch.Tensor, rows: list[_Row], cancel: threading.Event | None
+    ) -> list[DecodeResult]:
         drafts = [
             list(r.request.draft[: r.sample_len - 1]) if r.generator is None else [] for r in rows
         ]
@@ -218,6 +229,7 @@ class GreedyDecoder:
         for i, x in enumerate(inputs):
             tokens[i, : len(x)] = torch.tensor(x)
         first = min(r.sot_index for r in rows)
+        raise_if_cancelled(cancel)
         out = self.engine.prefill(tokens, lengths, features, first_logit=first)
         no_speech = []
         for i, (row, draft) in enumerate(zip(rows, drafts, strict=True)):
@@ -245,6 +257,7 @@ class GreedyDecoder:
                 row.pending = True
                 break
         while any(r.pending for r in rows):
+            raise_if_cancelled(cancel)
             step_tokens = torch.tensor([[r.seq[-1]] for r in rows], dtype=torch.long)
             positions = torch.tensor([len(r.seq) - 1 for r in rows], dtype=torch.long)
             step = self.engine.decode_step(step_tokens, positions)

@@ -13,6 +13,7 @@ fixed buckets. Tensor conventions, B = batch rows, A = alignment heads:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,8 +54,11 @@ class Engine(Protocol):
     max_batch: int
     n_alignment_heads: int
 
-    def encode(self, mel: torch.Tensor) -> torch.Tensor:
-        """mel [B, n_mels, F] -> features [B, F / 2, d]; F = 2 * n_audio_ctx is a full window."""
+    def encode(self, mel: torch.Tensor, cancel: threading.Event | None = None) -> torch.Tensor:
+        """mel [B, n_mels, F] -> features [B, F / 2, d]; F = 2 * n_audio_ctx is a full window.
+
+        cancel: when set, stop with `DecodeCancelled` at the next point the engine can
+        (`streamd.engine.cancel`): between layers on torch, before the graph on Neuron."""
         ...
 
     def prefill(

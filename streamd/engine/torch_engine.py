@@ -10,11 +10,14 @@ loop grows with the sequence.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from whisper.model import MultiHeadAttention, ResidualAttentionBlock, Whisper
 
+from streamd.engine.cancel import raise_if_cancelled
 from streamd.engine.protocol import PrefillOutput, StepOutput
 from streamd.errors import EngineError
 
@@ -70,7 +73,7 @@ class TorchEngine:
         return list(self.model.decoder.blocks)
 
     @torch.inference_mode()
-    def encode(self, mel: Tensor) -> Tensor:
+    def encode(self, mel: Tensor, cancel: threading.Event | None = None) -> Tensor:
         frames = mel.shape[2] if mel.ndim == 3 else 0
         if mel.ndim != 3 or mel.shape[1] != self.n_mels or frames % 2:
             raise EngineError(f"mel must be [B, {self.n_mels}, frames], got {tuple(mel.shape)}")
@@ -79,19 +82,20 @@ class TorchEngine:
         mel = mel.to(self.device, self.dtype)
         if self.encoder_precision == "bf16":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                return self._encode(mel, frames).to(self.dtype)
-        return self._encode(mel, frames)
+                return self._encode(mel, cancel).to(self.dtype)
+        return self._encode(mel, cancel)
 
-    def _encode(self, mel: Tensor, frames: int) -> Tensor:
-        if frames == 2 * self.n_audio_ctx:
-            return self.model.encoder(mel)
-        # An encoder context bucket: only the first `frames` mel frames, the positional
-        # embedding sliced to match (DESIGN.md §3). Cheaper, and not what Whisper was trained on:
-        # callers choose it knowingly (the streaming window decoder, measured on real audio).
+    def _encode(self, mel: Tensor, cancel: threading.Event | None) -> Tensor:
+        """openai-whisper's `AudioEncoder.forward`, step by step: `cancel` is looked at before
+        each layer (base: six of ~60 ms on 2 cores), and the positional embedding is sliced to
+        the frames given. Fewer than 3000 frames is an encoder context bucket (DESIGN.md §3):
+        cheaper, and not what Whisper was trained on; callers choose it knowingly (the
+        streaming window decoder, measured on real audio)."""
         enc = self.model.encoder
         x = F.gelu(enc.conv2(F.gelu(enc.conv1(mel)))).permute(0, 2, 1)
-        x = x + enc.positional_embedding[: x.shape[1]]
+        x = (x + enc.positional_embedding[: x.shape[1]]).to(x.dtype)
         for block in enc.blocks:
+            raise_if_cancelled(cancel)
             x = block(x)
         return enc.ln_post(x)
 

@@ -12,6 +12,7 @@ import json
 import logging
 import mimetypes
 import signal
+import threading
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from streamd.server.journal import Journal
 from streamd.server.metrics import CONTENT_TYPE, Metrics
 from streamd.server.notify import Notifier
 from streamd.server.scheduler import Scheduler
+from streamd.streaming.window import WindowRequest, WindowResult
 
 log = logging.getLogger("streamd.server")
 
@@ -60,12 +62,18 @@ class Daemon:
         self.notifier.status("loading model")
         decoder, model = await asyncio.to_thread(self._load)
         busy_buckets = decoder.check_buckets(self.config.busy_encoder_buckets_s)
+
+        def busy_decode(
+            requests: list[WindowRequest], *, cancel: threading.Event | None = None
+        ) -> list[WindowResult]:
+            return decoder.decode(requests, busy_buckets, cancel)
+
         scheduler = Scheduler(
             decoder.decode,
             min(self.config.max_batch, decoder.max_batch),
             self.config.batch_wait_ms,
             on_batch=self.metrics.record_batch,
-            busy_decode=lambda requests: decoder.decode(requests, busy_buckets),
+            busy_decode=busy_decode,
         )
         scheduler.start()
         mqtt_task, sink = self._start_mqtt()

@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from streamd.audio import SAMPLE_RATE
-from streamd.errors import ConfigError, EngineError
+from streamd.errors import ConfigError, DecodeCancelled, EngineError
 from streamd.input_level import QuietInputJudge, quiet_advice
 from streamd.protocol import PROTOCOL_VERSION, event_message
 from streamd.server.config import Config
@@ -344,6 +344,7 @@ class StreamConnection:
                     case Finalize():
                         if not ended:
                             self.session.finalize(self._now())
+                            self._cancel_if_superseded()
                             self._flush_events()
                             self._wake.set()
                     case End():
@@ -391,6 +392,7 @@ class StreamConnection:
         self.s.metrics.audio_in.inc(len(samples) / SAMPLE_RATE)
         self.session.feed_audio(samples, now)
         self._flush_events()  # speech_started/ended now, not after the step in flight
+        self._cancel_if_superseded()
         self._wake.set()
 
     def _end_stream(self) -> None:
@@ -399,7 +401,14 @@ class StreamConnection:
         if self._pcm is not None:
             self._feed(self._pcm.flush())
         self.session.end_stream(self._now())
+        self._cancel_if_superseded()
         self._wake.set()
+
+    def _cancel_if_superseded(self) -> None:
+        """Withdraw the step in flight if it only delays the final now (`Session.superseded`);
+        `_drive` hears of it as `DecodeCancelled`."""
+        if self.session is not None and self.session.superseded():
+            self.s.scheduler.cancel(self.session_id)
 
     # -- driving ---------------------------------------------------------------------------------
 
@@ -424,6 +433,11 @@ class StreamConnection:
             newest_audio_at = self._now()
             try:
                 results = await self.s.scheduler.submit(requests)
+            except DecodeCancelled:
+                for request in requests:
+                    session.decode_cancelled(request, self._now())
+                self.s.metrics.cancelled_steps.inc(len(requests))
+                continue
             except EngineError as exc:
                 log.error("session %s: %s", self.session_id, exc)
                 self._close_reason = "error"

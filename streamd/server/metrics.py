@@ -96,6 +96,11 @@ class Metrics:
         self.probe_finals = Counter(
             "streamd_probe_finals", "Pause probes that were their utterance's final", registry=r
         )
+        self.cancelled_steps = Counter(
+            "streamd_cancelled_steps",
+            "Partial steps withdrawn because their session's final became due",
+            registry=r,
+        )
         self.errors = Counter("streamd_errors", "error messages sent", ["code"], registry=r)
         self.finals = Counter("streamd_finals", "Finals sent", registry=r)
         self.mqtt_connected = Gauge("streamd_mqtt_connected", "1 when the broker is up", registry=r)

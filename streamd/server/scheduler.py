@@ -14,6 +14,11 @@ policy: a session whose step waited behind others simply sends a longer window n
 
 A failed batch is retried request by request, so one bad window fails only its own session.
 
+Cancelling (`cancel`): a session whose partial step only delays its final
+(`Session.superseded`) withdraws it. A waiting request leaves the queue; a batch being decoded
+is stopped (`streamd.engine.cancel`) only when every request in it is withdrawn, since the
+others still want their results. A withdrawn request's `submit` raises `DecodeCancelled`.
+
 Load-aware decoding: `busy_decode` (if given) runs a batch when the engine is contended (more
 than one window in the batch, or more waiting behind it). The daemon passes the same decoder
 with small encoder context buckets there: a 10 s bucket costs a quarter of the 30 s encoder
@@ -25,16 +30,18 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
-from streamd.errors import EngineError
+from streamd.errors import DecodeCancelled, EngineError
+from streamd.streaming.replay import LiveDecodeFn as DecodeFn
 from streamd.streaming.window import WindowRequest, WindowResult
 
-DecodeFn = Callable[[list[WindowRequest]], list[WindowResult]]
 LOAD_WINDOW_S = 3.0  # the engine load average's time constant
 
 
@@ -44,6 +51,7 @@ class _Job:
     future: asyncio.Future[WindowResult]
     submitted_at: float
     urgent: bool = False  # its session has a final waiting behind it
+    withdrawn: bool = False  # its session no longer wants it (`Scheduler.cancel`)
 
 
 def _priority(job: _Job) -> bool:
@@ -84,6 +92,8 @@ class Scheduler:
         self._load = 0.0  # fraction of recent wall time the engine was busy (moving average)
         self._load_at = time.monotonic()
         self.last_progress = time.monotonic()  # the watchdog's liveness signal
+        self._running: list[_Job] = []  # the batch in the engine
+        self._stop_running = threading.Event()  # set: the engine drops that batch
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
@@ -112,6 +122,21 @@ class Scheduler:
         for job in self._pending:
             if job.request.session_id == session_id:
                 job.urgent = True
+
+    def cancel(self, session_id: str) -> None:
+        """`session_id` withdraws its request (`Session.superseded`): gone from the queue at
+        once, or stopped in the engine if nobody else in its batch needs the batch; `submit`
+        raises `DecodeCancelled`. A request the engine goes on with (others share its
+        batch) still gets its result."""
+        for job in [j for j in self._pending if j.request.session_id == session_id]:
+            self._pending.remove(job)
+            if not job.future.done():
+                job.future.set_exception(DecodeCancelled(f"request {job.request.request_id}"))
+        for job in self._running:
+            if job.request.session_id == session_id:
+                job.withdrawn = True
+        if self._running and all(j.withdrawn for j in self._running):
+            self._stop_running.set()
 
     def load(self) -> float:
         """How busy the engine has been lately, 0..1 (an average over ~LOAD_WINDOW_S)."""
@@ -159,20 +184,30 @@ class Scheduler:
         failed = 0
         busy = len(batch) > 1 or bool(self._pending)
         decode = self._busy_decode if busy else self._decode
+        stop = threading.Event()
+        self._running, self._stop_running = batch, stop
         try:
-            results = await loop.run_in_executor(self._executor, decode, [j.request for j in batch])
+            results = await loop.run_in_executor(
+                self._executor, partial(decode, [j.request for j in batch], cancel=stop)
+            )
             outcomes: list[WindowResult | BaseException] = list(results)
+        except DecodeCancelled as exc:
+            outcomes = [exc] * len(batch)
         except Exception:
             outcomes = []
             for job in batch:  # isolate the window that breaks the engine
                 try:
-                    (one,) = await loop.run_in_executor(self._executor, decode, [job.request])
+                    (one,) = await loop.run_in_executor(
+                        self._executor, partial(decode, [job.request])
+                    )
                     outcomes.append(one)
                 except Exception as exc:
                     failed += 1
                     outcomes.append(
                         EngineError(f"decoding request {job.request.request_id} failed: {exc}")
                     )
+        finally:
+            self._running = []
         elapsed = time.monotonic() - started
         self.busy_s += elapsed
         self._decay(time.monotonic(), elapsed)

@@ -35,6 +35,9 @@ class SessionConfig:
         ready when the hangover runs out; and start no partial step in a pause that would still
         be decoding when the probe, or the final, is due (judged by the last step's wall time).
         False: steps every `step_ms` regardless, the final decoded after the hangover.
+    cancel_steps: a partial step still being decoded when the probe or the final becomes due
+        is `Session.superseded`: a driver whose engine can stop it does, and decodes the probe
+        or final at once instead of after it (docs/streaming.md, "Cancelling a step").
     """
 
     vad: VadConfig = field(default_factory=VadConfig)
@@ -50,6 +53,7 @@ class SessionConfig:
     min_commit_probability: float = 0.7
     hold_uncertain_ms: int = 500
     probe_pauses: bool = True
+    cancel_steps: bool = True
 
     def __post_init__(self) -> None:
         from streamd.errors import ConfigError

@@ -10,12 +10,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
+from streamd.errors import DecodeCancelled
 from streamd.streaming.events import Event
 from streamd.streaming.session import SAMPLE_RATE, Session
 from streamd.streaming.window import WindowRequest, WindowResult
@@ -23,6 +26,15 @@ from streamd.streaming.window import WindowRequest, WindowResult
 DEFAULT_CHUNK_MS = 20
 
 DecodeFn = Callable[[list[WindowRequest]], list[WindowResult]]
+
+
+class LiveDecodeFn(Protocol):
+    """A decode the live loop can stop from the event loop's thread (`WindowDecoder.decode`):
+    when `cancel` is set it raises `DecodeCancelled` at its next check."""
+
+    def __call__(
+        self, requests: list[WindowRequest], *, cancel: threading.Event | None = None
+    ) -> list[WindowResult]: ...
 
 
 @dataclass(frozen=True)
@@ -66,7 +78,7 @@ def replay_virtual(
 async def replay_realtime(
     session: Session,
     audio: np.ndarray,
-    decode: DecodeFn,
+    decode: LiveDecodeFn,
     chunk_ms: int = DEFAULT_CHUNK_MS,
     on_event: Callable[[Emitted], None] | None = None,
 ) -> list[Emitted]:
@@ -86,7 +98,7 @@ async def replay_realtime(
 async def run_live(
     source: AsyncIterable[np.ndarray],
     session: Session,
-    decode: DecodeFn,
+    decode: LiveDecodeFn,
     on_event: Callable[[Emitted], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> list[Emitted]:
@@ -99,10 +111,18 @@ async def run_live(
     call (each also goes to `on_event` as it happens). If the source fails, the finals of the
     audio before the failure are still flushed, then its error is raised. Cancelling the call
     abandons the flush.
+
+    A step the session no longer needs (`Session.superseded`: its final became due while the
+    step was decoded) is stopped, so the final does not wait for it.
     """
     out: list[Emitted] = []
     start = time.perf_counter()
     wake = asyncio.Event()
+    cancel: threading.Event | None = None  # the decode in flight's
+
+    def cancel_if_superseded() -> None:
+        if cancel is not None and session.superseded():
+            cancel.set()
 
     def now() -> float:
         return time.perf_counter() - start
@@ -129,7 +149,16 @@ async def run_live(
                 wake.clear()
                 drain()
                 continue
-            results = await asyncio.to_thread(decode, requests)
+            nonlocal cancel
+            cancel = threading.Event()
+            try:
+                results = await asyncio.to_thread(decode, requests, cancel=cancel)
+            except DecodeCancelled:
+                for request in requests:
+                    session.decode_cancelled(request, now())
+                continue
+            finally:
+                cancel = None
             for request, result in zip(requests, results, strict=True):
                 session.decode_done(request, result, now())
             drain()
@@ -138,6 +167,7 @@ async def run_live(
         async for chunk in source:
             session.feed_audio(chunk, now())
             drain()
+            cancel_if_superseded()
             wake.set()
 
     decoding = asyncio.create_task(decoder())
@@ -153,6 +183,7 @@ async def run_live(
             decoding.result()
         session.end_stream(now())
         drain()
+        cancel_if_superseded()
         wake.set()
         await decoding
         if failure is not None:

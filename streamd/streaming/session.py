@@ -104,6 +104,7 @@ class SessionStats:
     held_words: int = 0  # uncertain last words that waited for the talker to go on
     probes: int = 0  # steps decoded in a pause (`_Probe`)
     probe_finals: int = 0  # of them, the ones that were the utterance's final
+    cancelled: int = 0  # requests stopped before their result (`Session.superseded`)
     guards: GuardStats = field(default_factory=GuardStats)
 
 
@@ -242,6 +243,7 @@ class Session:
         self._finalizing = False  # finalize() ended the speech: nothing is held back then
         self._probe: _Probe | None = None  # a step decoded in the open utterance's pause
         self._sent_at: float | None = None  # `now` of the audio before the request in flight
+        self._requested_before = 0  # `requested_until` before the request in flight
         self._step_s = 0.0  # how long the last request took, wall time (0 on a virtual clock)
 
     # -- input ---------------------------------------------------------------------------------
@@ -386,8 +388,29 @@ class Session:
             self._probe = _Probe(w.voiced_until)
             self.stats.probes += 1
         else:
+            self._requested_before = w.requested_until
             w.requested_until = len(window)
         return [self._send(request)]
+
+    def superseded(self) -> bool:
+        """Is the request in flight a partial step that now only delays the final? True when
+        its utterance has ended (a final is due) and the step has not heard all of it, or when
+        the pause is long enough for the probe and the step has not heard as much as the probe
+        will. A driver whose engine can stop a decode should then stop it (`decode_cancelled`):
+        the step's words would be replaced before anyone saw more than a partial, and the probe
+        or final decodes at once instead of after it (docs/streaming.md, "Cancelling a step";
+        letting a step that is nearly done finish, for its draft, measured no better)."""
+        r = self._in_flight
+        if not self.config.cancel_steps or r is None or r.final or r.probe:
+            return False
+        if r.request_id == self._alone_id:
+            return False
+        w = self._window
+        if w.finals:
+            return len(r.audio) < self._heard_all(w.finals[0])
+        if self._probe is not None or self._pause_s() < PROBE_AFTER_S:
+            return False
+        return len(r.audio) < w.window_sample(w.voiced_until / SAMPLE_RATE + PROBE_AFTER_S)
 
     def _in_the_way(self, pause_s: float) -> bool:
         """Would a partial step started `pause_s` into a pause still be decoding when the probe
@@ -462,6 +485,23 @@ class Session:
         if words:
             self._forget_context()
         self._finish_utterance(words, result, may_retry=False)
+
+    def decode_cancelled(self, request: WindowRequest, now: float) -> None:
+        """The request in flight was stopped before it finished (the driver did it because it
+        was `superseded`): it is as if it had never been sent. A partial step's audio is
+        decoded by the next request; a probe or a final (stopped by a driver for its own
+        reasons) is asked for again."""
+        if self._in_flight is None or request.request_id != self._in_flight.request_id:
+            raise SessionStateError(f"request {request.request_id} cancelled but not in flight")
+        self._in_flight = None
+        self.stats.cancelled += 1
+        if request.request_id == self._alone_id:
+            self._alone_id = None
+            self._decode_alone = True
+        elif request.probe:
+            self._probe = None
+        elif not request.final:
+            self._window.requested_until = self._requested_before
 
     def decode_done(self, request: WindowRequest, result: WindowResult, now: float) -> None:
         """Take the engine's result for the request in flight."""

@@ -6,6 +6,7 @@ with the forced prefix and the draft, and word times from the alignment heads.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -74,21 +75,29 @@ class WindowDecoder:
         return time.monotonic() - started
 
     def decode(
-        self, requests: list[WindowRequest], buckets_s: tuple[int, ...] | None = None
+        self,
+        requests: list[WindowRequest],
+        buckets_s: tuple[int, ...] | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[WindowResult]:
         """Results in request order; batches of up to `max_batch` windows share each pass.
 
         buckets_s: encoder context buckets for this call (checked `check_buckets` ones);
         default: the decoder's own.
+        cancel: when set (from another thread), the decode stops at the engine's next check
+        with `DecodeCancelled` (`streamd.engine.cancel`).
         """
         out: list[WindowResult] = []
         for start in range(0, len(requests), self.max_batch):
             batch = requests[start : start + self.max_batch]
-            out.extend(self._decode_batch(batch, buckets_s or self.buckets_s))
+            out.extend(self._decode_batch(batch, buckets_s or self.buckets_s, cancel))
         return out
 
     def _decode_batch(
-        self, requests: list[WindowRequest], buckets_s: tuple[int, ...]
+        self,
+        requests: list[WindowRequest],
+        buckets_s: tuple[int, ...],
+        cancel: threading.Event | None,
     ) -> list[WindowResult]:
         for r in requests:
             if not 0 < len(r.audio) <= N_SAMPLES:
@@ -104,7 +113,7 @@ class WindowDecoder:
                 for r in requests
             ]
         )
-        features = self.engine.encode(mel)
+        features = self.engine.encode(mel, cancel)
         decoded = self.decoder.decode(
             features,
             [
@@ -119,6 +128,7 @@ class WindowDecoder:
                 )
                 for r in requests
             ],
+            cancel,
         )
         results = []
         for r, d in zip(requests, decoded, strict=True):
