@@ -194,6 +194,7 @@ def _run(clients: int, median_s: float, p90_s: float) -> RunReport:
         engine_rtf=0.3 * clients,
         mean_batch_size=1.0 + clients / 4,
         overloaded_steps=0,
+        cancelled_steps=0,
         daemon_cpu_s=60.0 * clients,
         daemon_peak_rss_mb=900.0,
         wall_s=95.0,

@@ -957,6 +957,7 @@ def test_metrics_exposes_the_daemon_metrics(daemon: Daemon) -> None:
         "streamd_context_resets_total",
         "streamd_pause_probes_total",
         "streamd_probe_finals_total",
+        "streamd_cancelled_steps_total",
         "streamd_speech_level_dbfs_bucket",
         'streamd_errors_total{code="bad_message"}',
     ):

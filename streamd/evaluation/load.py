@@ -62,6 +62,7 @@ class RunReport:
     engine_rtf: float  # engine busy time per second of audio received
     mean_batch_size: float
     overloaded_steps: int
+    cancelled_steps: int  # partial steps withdrawn because their final became due
     daemon_cpu_s: float
     daemon_peak_rss_mb: float
     wall_s: float
@@ -208,6 +209,7 @@ def run_clients(
             _per(scrape_metric(metrics, "streamd_decode_batch_size_sum"), batches), 2
         ),
         overloaded_steps=int(scrape_metric(metrics, "streamd_overloaded_steps_total")),
+        cancelled_steps=int(scrape_metric(metrics, "streamd_cancelled_steps_total")),
         daemon_cpu_s=round(cpu_s, 1),
         daemon_peak_rss_mb=round(rss_mb, 1),
         wall_s=round(wall_s, 1),
