@@ -1,6 +1,7 @@
 """Streaming acceptance: a stream of real clips between silence/noise/murmur gaps, replayed.
 
     .venv/bin/python -m bench.streaming [--language en|ja] [--virtual] [--json out.json]
+        [--no-cancel-steps] [--threads N]
 
 Reports WER/CER of finals vs the references and vs offline `transcribe` of the same audio,
 finalization latency (arrival of the final holding an utterance's last word minus the end of
@@ -33,6 +34,7 @@ from streamd.evaluation.scoring import (
 )
 from streamd.evaluation.streams import STREAM_GAP_ORDER, evaluation_stream
 from streamd.models.loader import load_model
+from streamd.streaming.config import SessionConfig
 from streamd.streaming.replay import replay_realtime, replay_virtual
 from streamd.streaming.session import Session
 from streamd.streaming.window import WindowRequest, WindowResult
@@ -76,6 +78,7 @@ class Report:
     passes_per_audio_s: float
     passes_per_audio_s_no_draft: float
     requests: int
+    cancelled_steps: int
     wall_s: float
 
 
@@ -106,6 +109,7 @@ def run(
     seed: int,
     buckets_s: tuple[int, ...] = (30,),
     encoder_precision: str = "auto",
+    cancel_steps: bool = True,
 ) -> Report:
     model_name = MODEL_FOR_LANGUAGE[language]
     stream = evaluation_stream(language, seed)
@@ -119,7 +123,7 @@ def run(
     )
     offline_error = error_rate([stream.reference_text], [offline.text], language)
 
-    session = Session(language=language)
+    session = Session(SessionConfig(cancel_steps=cancel_steps), language=language)
     start = time.perf_counter()
     if virtual:
         emitted = replay_virtual(session, audio, decoder.decode)
@@ -153,6 +157,7 @@ def run(
         passes_per_audio_s=round(session.stats.forward_passes / audio_s, 2),
         passes_per_audio_s_no_draft=round(baseline.stats.forward_passes / audio_s, 2),
         requests=session.stats.requests,
+        cancelled_steps=session.stats.cancelled,
         wall_s=round(wall, 2),
     )
 
@@ -165,9 +170,28 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--encoder-buckets", default="30", help="e.g. 10,20,30")
     parser.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS, default="auto")
+    parser.add_argument(
+        "--no-cancel-steps",
+        action="store_true",
+        help="let a partial step finish when the final becomes due (docs/streaming.md)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1 on 2 cores: a slower engine)"
+    )
     args = parser.parse_args()
     buckets = tuple(int(b) for b in args.encoder_buckets.split(","))
-    report = run(args.language, args.virtual, args.seed, buckets, args.encoder_precision)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report = run(
+        args.language,
+        args.virtual,
+        args.seed,
+        buckets,
+        args.encoder_precision,
+        cancel_steps=not args.no_cancel_steps,
+    )
     for key, value in asdict(report).items():
         print(f"{key:>28}: {value}")
     if args.json:
