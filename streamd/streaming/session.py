@@ -9,7 +9,9 @@ Life of an utterance: the VAD opens it (SpeechStarted) -> every `step_ms` of new
 request covers the speech since the last trim point, forced to start with the words already
 committed in it and drafted with the last hypothesis -> words two consecutive results agree on
 are committed (Final), the rest is shown as a Partial -> when the VAD closes it (SpeechEnded) a
-final request commits everything left.
+final request commits everything left. A partial step still being decoded when that final (or
+the probe) becomes due is `superseded()`: a live driver stops it and says so
+(`decode_cancelled`), so the final does not wait for it.
 
 The window keeps the speech of earlier utterances (their words forced, already final) until it
 holds `trim_after_s` of committed audio: Whisper hears a short phrase far better with the
