@@ -93,7 +93,12 @@ class TorchEngine:
         streaming window decoder, measured on real audio)."""
         enc = self.model.encoder
         x = F.gelu(enc.conv2(F.gelu(enc.conv1(mel)))).permute(0, 2, 1)
-        x = (x + enc.positional_embedding[: x.shape[1]]).to(x.dtype)
+        if x.shape[1] == self.n_audio_ctx:
+            x = (x + enc.positional_embedding).to(x.dtype)  # exactly openai's
+        else:
+            # no cast back to the convolutions' dtype here, as before: with a bf16 encoder
+            # it puts a bucket's features 10x further from fp32's (tests/test_precision.py)
+            x = x + enc.positional_embedding[: x.shape[1]]
         for block in enc.blocks:
             raise_if_cancelled(cancel)
             x = block(x)
