@@ -133,8 +133,10 @@ class TorchEngine:
         # W @ x.T rather than x @ W.T: the same product, but with the 51,864-row weight on
         # the left MKL picks a GEMM kernel that is 4-10x faster for a handful of rows (tiny.en
         # on 2 cores: 2-3 ms instead of 8-30 ms per step, the largest cost of a decode step);
-        # a single row is doubled because one column falls back to a slow GEMV
-        padded = rows if rows.shape[0] > 1 else rows.expand(2, -1)
+        # a single row is doubled because one column falls back to a slow GEMV, and doubled
+        # in memory: an `expand`ed (stride-0) copy sends MKL down a path 4x slower again
+        # (base on 2 cores: 15.4 ms against 3.7 ms per step)
+        padded = rows if rows.shape[0] > 1 else rows.repeat(2, 1)
         weight = self.model.decoder.token_embedding.weight
         logits = torch.mm(weight, padded.t()).t()[: rows.shape[0]]
         return logits.reshape(*x.shape[:-1], -1).float()
