@@ -87,7 +87,7 @@ class TorchEngine:
 
     def _encode(self, mel: Tensor, cancel: threading.Event | None) -> Tensor:
         """openai-whisper's `AudioEncoder.forward`, step by step: `cancel` is looked at before
-        each layer (base: six of ~60 ms on 2 cores), and the positional embedding is sliced to
+        each layer (base: six of ~70 ms on 2 cores), and the positional embedding is sliced to
         the frames given. Fewer than 3000 frames is an encoder context bucket (DESIGN.md §3):
         cheaper, and not what Whisper was trained on; callers choose it knowingly (the
         streaming window decoder, measured on real audio)."""

@@ -409,7 +409,7 @@ class Session:
             return False
         w = self._window
         if w.finals:
-            return len(r.audio) < self._heard_all(w.finals[0])
+            return not self._ends_utterance(r)
         if self._probe is not None or self._pause_s() < PROBE_AFTER_S:
             return False
         return len(r.audio) < w.window_sample(w.voiced_until / SAMPLE_RATE + PROBE_AFTER_S)
@@ -541,9 +541,7 @@ class Session:
             words = strip_overlap(recent, words)
         words = self._after_finished(words)  # after the overlap: a repeat is dropped, not moved
         # a step that reached the end of an utterance that has since ended is its final
-        final = request.final or (
-            bool(w.finals) and len(request.audio) >= self._heard_all(w.finals[0])
-        )
+        final = request.final or self._ends_utterance(request)
         if looped and (w.committed or self._prompt):
             # Its context made the decoder loop: decode the same audio again without it (a
             # final is retried; a partial step's words come from the next step).
@@ -619,6 +617,12 @@ class Session:
             else:
                 out.append(h)
         return out
+
+    def _ends_utterance(self, request: WindowRequest) -> bool:
+        """Has `request`'s window heard all of the utterance that ended first (so its words
+        are that utterance's final)? False while none has ended."""
+        w = self._window
+        return bool(w.finals) and len(request.audio) >= self._heard_all(w.finals[0])
 
     def _heard_all(self, until: int) -> int:
         """Window sample from which a step has heard the whole utterance that ends at `until`
