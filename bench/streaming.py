@@ -1,7 +1,7 @@
 """Streaming acceptance: a stream of real clips between silence/noise/murmur gaps, replayed.
 
     .venv/bin/python -m bench.streaming [--language en|ja] [--virtual] [--json out.json]
-        [--no-cancel-steps] [--threads N]
+        [--seeds 0,1,2,3] [--no-cancel-steps] [--threads N]
 
 Reports WER/CER of finals vs the references and vs offline `transcribe` of the same audio,
 finalization latency (arrival of the final holding an utterance's last word minus the end of
@@ -9,6 +9,10 @@ that word in the audio), first-partial latency, words emitted inside the gaps, a
 forward passes per audio second with and without drafts. Computation-aware (real-time pacing,
 real wall clock) unless --virtual. It also names the machine and times one 30 s encoder pass
 (`streamd.evaluation.machine`): latency scales with it, sevenfold between this project's CPUs.
+
+A Japanese stream holds two clips, so one seed gives two latencies and its median is the mean
+of two. `--seeds` replays several streams (the same clips, other gaps) one after another and
+adds a pooled summary: every utterance's latency in one median and p90, the mean error.
 """
 
 from __future__ import annotations
@@ -80,6 +84,49 @@ class Report:
     requests: int
     cancelled_steps: int
     wall_s: float
+    latencies_s: tuple[float, ...] = ()  # one per utterance that got a final
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """Several seeds' reports in one: latencies pooled, errors averaged."""
+
+    language: str
+    mode: str
+    seeds: tuple[int, ...]
+    utterances: int
+    error_streaming_mean: float
+    error_offline_mean: float
+    latency_median_s: float
+    latency_p90_s: float
+    latency_max_s: float
+    seed_medians_s: tuple[float, ...]
+    gap_words: int
+    cancelled_steps: int
+
+
+def pool(seeds: list[int], reports: list[Report]) -> Pooled:
+    """One summary of `reports` (one per seed, same language and clock)."""
+    if not reports or len(seeds) != len(reports):
+        raise ValueError(f"{len(reports)} reports for seeds {seeds}")
+    if len({(r.language, r.mode) for r in reports}) != 1:
+        raise ValueError("pooled reports must share language and clock")
+    latencies = [x for r in reports for x in r.latencies_s]
+    n = len(reports)
+    return Pooled(
+        language=reports[0].language,
+        mode=reports[0].mode,
+        seeds=tuple(seeds),
+        utterances=sum(r.utterances for r in reports),
+        error_streaming_mean=round(sum(r.error_streaming for r in reports) / n, 4),
+        error_offline_mean=round(sum(r.error_offline for r in reports) / n, 4),
+        latency_median_s=round(median(latencies), 3),
+        latency_p90_s=round(percentile(latencies, 90), 3),
+        latency_max_s=round(max(latencies, default=float("nan")), 3),
+        seed_medians_s=tuple(r.latency_median_s for r in reports),
+        gap_words=sum(r.gap_words for r in reports),
+        cancelled_steps=sum(r.cancelled_steps for r in reports),
+    )
 
 
 def _voiced_bounds(file: str) -> tuple[float, float]:
@@ -159,6 +206,7 @@ def run(
         requests=session.stats.requests,
         cancelled_steps=session.stats.cancelled,
         wall_s=round(wall, 2),
+        latencies_s=tuple(round(x, 3) for x in latencies),
     )
 
 
@@ -167,6 +215,9 @@ def main() -> None:
     parser.add_argument("--language", choices=sorted(MODEL_FOR_LANGUAGE), default="en")
     parser.add_argument("--virtual", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", default=None, help="several streams, e.g. 0,1,2,3, pooled (overrides --seed)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--encoder-buckets", default="30", help="e.g. 10,20,30")
     parser.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS, default="auto")
@@ -184,18 +235,34 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    report = run(
-        args.language,
-        args.virtual,
-        args.seed,
-        buckets,
-        args.encoder_precision,
-        cancel_steps=not args.no_cancel_steps,
-    )
-    for key, value in asdict(report).items():
-        print(f"{key:>28}: {value}")
+    try:
+        seeds = [args.seed] if args.seeds is None else [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    reports = []
+    for seed in seeds:
+        report = run(
+            args.language,
+            args.virtual,
+            seed,
+            buckets,
+            args.encoder_precision,
+            cancel_steps=not args.no_cancel_steps,
+        )
+        reports.append(report)
+        if len(seeds) > 1:
+            print(f"== seed {seed}")
+        for key, value in asdict(report).items():
+            print(f"{key:>28}: {value}", flush=True)
+    out: dict[str, object] = asdict(reports[0])
+    if len(seeds) > 1:
+        pooled = pool(seeds, reports)
+        print("== pooled")
+        for key, value in asdict(pooled).items():
+            print(f"{key:>28}: {value}")
+        out = {"pooled": asdict(pooled), "runs": [asdict(r) for r in reports]}
     if args.json:
-        args.json.write_text(json.dumps(asdict(report), indent=1, ensure_ascii=False))
+        args.json.write_text(json.dumps(out, indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":

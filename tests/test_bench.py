@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.streaming import Report as StreamingReport
+from bench.streaming import pool as pool_reports
 from streamd import cli
 from streamd.audio import SAMPLE_RATE, load_audio
 from streamd.decoding.result import Word
@@ -365,3 +367,53 @@ def test_voiced_bounds_start_at_the_talker_not_at_a_click() -> None:
     assert rms_dbfs(click) > rms_dbfs(audio[SAMPLE_RATE // 2 : SAMPLE_RATE])  # it is there
     # a clip that opens with speech keeps its start: jfk.flac's first word at 0.32 s
     assert voiced_bounds("en/jfk.flac") == (0.32, 11.0)
+
+
+def _report(seed_latencies: tuple[float, ...], error: float, **kw: object) -> StreamingReport:
+    fields: dict[str, object] = dict(
+        language="ja",
+        model="base",
+        mode="realtime",
+        encoder_buckets_s=(30,),
+        encoder_precision="bf16",
+        cpu="test",
+        encoder_pass_s=0.4,
+        audio_s=30.0,
+        utterances=len(seed_latencies),
+        error_streaming=error,
+        error_offline=0.2,
+        latency_median_s=sorted(seed_latencies)[len(seed_latencies) // 2],
+        latency_p90_s=0.0,
+        latency_max_s=max(seed_latencies),
+        vad_wait_median_s=0.0,
+        first_partial_median_s=0.0,
+        gap_words=0,
+        gap_word_list=[],
+        passes_per_audio_s=0.0,
+        passes_per_audio_s_no_draft=0.0,
+        requests=10,
+        cancelled_steps=2,
+        wall_s=30.0,
+        latencies_s=seed_latencies,
+    )
+    fields.update(kw)
+    return StreamingReport(**fields)  # type: ignore[arg-type]
+
+
+def test_pooled_seeds_put_every_latency_in_one_median() -> None:
+    # two latencies a seed: the per-seed medians hide that most utterances are under 1 s
+    reports = [_report((0.8, 1.4), 0.230), _report((0.9, 1.5), 0.241), _report((0.7, 0.95), 0.2)]
+    pooled = pool_reports([0, 1, 2], reports)
+    assert pooled.utterances == 6
+    assert pooled.latency_median_s == pytest.approx(0.925)  # of 0.7 0.8 0.9 0.95 1.4 1.5
+    assert pooled.latency_max_s == pytest.approx(1.5)
+    assert pooled.error_streaming_mean == pytest.approx((0.230 + 0.241 + 0.2) / 3, abs=1e-4)
+    assert pooled.seed_medians_s == (1.4, 1.5, 0.95)
+    assert pooled.cancelled_steps == 6 and pooled.seeds == (0, 1, 2)
+
+
+def test_pooling_refuses_mixed_runs() -> None:
+    with pytest.raises(ValueError, match="share language"):
+        pool_reports([0, 1], [_report((1.0,), 0.2), _report((1.0,), 0.2, mode="virtual")])
+    with pytest.raises(ValueError, match="reports for seeds"):
+        pool_reports([0, 1], [_report((1.0,), 0.2)])
