@@ -49,6 +49,14 @@ def test_config_defaults_and_env_lists() -> None:
     assert config == Config(encoder_buckets_s=(10, 20, 30), journal_dir=config.journal_dir)
 
 
+def test_first_look_buckets_default_on_and_an_empty_list_turns_them_off(tmp_path: Path) -> None:
+    assert Config().first_look_buckets_s == (10, 20, 30)
+    toml = tmp_path / "streamd.toml"
+    toml.write_text("first_look_buckets_s = []\n")
+    assert load_config(toml, {}).first_look_buckets_s == ()
+    assert load_config(None, {"STREAMD_FIRST_LOOK_BUCKETS_S": ""}).first_look_buckets_s == ()
+
+
 @pytest.mark.parametrize(
     ("overrides_", "needle"),
     [

@@ -26,7 +26,7 @@ from streamd.streaming.events import Final, Partial, SpeechEnded, SpeechStarted
 from streamd.streaming.replay import replay_realtime, replay_virtual
 from streamd.streaming.session import Session
 from streamd.streaming.window import WindowRequest, WindowResult
-from streamd.streaming.window_decoder import WindowDecoder
+from streamd.streaming.window_decoder import WindowDecoder, is_first_look
 from streamd.vad import VadConfig
 from tests.synth import build_stream, gap_audio
 
@@ -207,6 +207,42 @@ def test_encoder_context_buckets(tiny: WindowDecoder) -> None:
         WindowDecoder(tiny.model, tiny.engine, buckets_s=(10, 20))
 
 
+@pytest.mark.parametrize("first_look_buckets_s", [(10, 20, 30), ()])
+def test_an_utterances_first_look_takes_a_small_context(
+    tiny: WindowDecoder, first_look_buckets_s: tuple[int, ...]
+) -> None:
+    """A partial step with no draft (nothing of its utterance decoded yet) is encoded in the
+    smallest bucket that holds it; every step with a draft, every probe and every final at
+    the full 30 s, and the text stays right. With no first-look buckets, all at 30 s."""
+    decoder = WindowDecoder(tiny.model, tiny.engine, first_look_buckets_s=first_look_buckets_s)
+    audio, _, _ = build_stream(["en/jfk.flac"], ["silence", "silence"], seed=2)
+    calls: list[tuple[bool, int]] = []  # (a first look?, mel frames encoded)
+    encode = decoder.engine.encode
+
+    def spy(mel: torch.Tensor, cancel: threading.Event | None = None) -> torch.Tensor:
+        calls[-1] = (calls[-1][0], mel.shape[-1])
+        return encode(mel, cancel)
+
+    def decode(requests: list[WindowRequest]) -> list[WindowResult]:
+        assert len(requests) == 1
+        calls.append((is_first_look(requests[0]), 0))
+        return decoder.decode(requests)
+
+    decoder.engine.encode = spy  # type: ignore[method-assign]
+    try:
+        emitted = replay_virtual(Session(language="en"), audio, decode)
+    finally:
+        del decoder.engine.encode  # back to the class's method (shared engine)
+    text = "".join(e.event.text for e in emitted if isinstance(e.event, Final))
+    assert error_rate([JFK_TEXT], [text], "en") < 0.15, text
+    first_looks = [frames for first, frames in calls if first]
+    others = [frames for first, frames in calls if not first]
+    assert first_looks and others  # both kinds of request happen on this stream
+    assert set(others) == {3000}
+    # every first look of this stream holds under 10 s of audio
+    assert set(first_looks) == ({1000} if first_look_buckets_s else {3000})
+
+
 def test_a_stream_joined_mid_word_recovers_from_a_looping_context(tiny: WindowDecoder) -> None:
     """What a resumed websocket session hears: JFK's clip from 3.48 s in, mid-"not". tiny.en
     commits " Lock!" for that syllable, and once it is forced at the window's start, every
@@ -292,9 +328,12 @@ def test_a_word_cut_by_a_pause_is_heard_whole_with_what_follows(
     assert "聞き取れている" in text, text
 
 
-def test_warm_up_is_one_decode_of_a_full_window() -> None:
+@pytest.mark.parametrize("first_look_buckets_s", [(10, 20, 30), ()])
+def test_warm_up_decodes_a_full_window_and_a_first_look(
+    first_look_buckets_s: tuple[int, ...],
+) -> None:
     model = load_model("tiny.en")
-    decoder = WindowDecoder(model)
+    decoder = WindowDecoder(model, first_look_buckets_s=first_look_buckets_s)
     shapes: list[tuple[int, ...]] = []
     encode = decoder.engine.encode
 
@@ -304,7 +343,8 @@ def test_warm_up_is_one_decode_of_a_full_window() -> None:
 
     decoder.engine.encode = counted  # type: ignore[method-assign]
     assert decoder.warm_up() > 0
-    assert shapes == [(1, model.dims.n_mels, 3000)]
+    full, first_look = (1, model.dims.n_mels, 3000), (1, model.dims.n_mels, 1000)
+    assert shapes == ([full, first_look] if first_look_buckets_s else [full])
 
 
 def test_realtime_replay_warms_the_decoder_up_before_its_clock_starts(

@@ -139,7 +139,10 @@ class Daemon:
         precision = resolve_encoder_precision(self.config.encoder_precision, self.config.device)
         log.info("encoder precision: %s (%s)", precision, self.config.encoder_precision)
         decoder = WindowDecoder(
-            model, buckets_s=self.config.encoder_buckets_s, encoder_precision=precision
+            model,
+            buckets_s=self.config.encoder_buckets_s,
+            encoder_precision=precision,
+            first_look_buckets_s=self.config.first_look_buckets_s,
         )
         # the first decode pays for lazy initialisation, which no client should wait for
         log.info("warm-up decode took %.2f s", decoder.warm_up())

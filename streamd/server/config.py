@@ -60,6 +60,9 @@ class Config:
     encoder_buckets_s: tuple[int, ...] = (30,)  # a lone stream: full context (quality)
     # while the engine is contended: smaller contexts are up to 4x cheaper (capacity)
     busy_encoder_buckets_s: tuple[int, ...] = (10, 20, 30)
+    # an utterance's first partial step (no draft yet): a small context shows its first words
+    # sooner and changes no final (docs/streaming.md, "First look"); empty: full context
+    first_look_buckets_s: tuple[int, ...] = (10, 20, 30)
     # auto: bf16 where the CPU has it natively (streamd/engine/precision.py), else fp32
     encoder_precision: str = "auto"
     language: str | None = None  # default for sessions that do not say; None = detect

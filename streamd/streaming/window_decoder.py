@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -27,8 +28,15 @@ HOP_SAMPLES = 160
 # that holds it. (10, 20, 30) makes a step ~35% cheaper, but on our English stream it cost
 # 1-2 more word errors per 150 and Whisper writes past the audio far more often (the guards
 # catch it, at the price of decoder passes); docs/benchmarks.md has the numbers. Quality first
-# by default: always 30 s. `--encoder-buckets 10,20,30` trades it for capacity.
+# by default: always 30 s, but for an utterance's first look (below). `--encoder-buckets
+# 10,20,30` trades it for capacity.
 DEFAULT_BUCKETS_S = (30,)
+# An utterance's first look: a partial step with no draft (nothing of it decoded yet). Its
+# words are only shown, or committed once a full-context step agrees with them, and a draft
+# changes no greedy result, only its cost; so it may take a small context and come sooner.
+# base on 2 cores: Japanese first partials 0.56 s instead of 2.34 s after the talker starts,
+# finals' text the same on all eight evaluation streams (docs/streaming.md, "First look").
+DEFAULT_FIRST_LOOK_BUCKETS_S = (10, 20, 30)
 
 
 class WindowDecoder:
@@ -40,11 +48,17 @@ class WindowDecoder:
         engine: Engine | None = None,
         buckets_s: tuple[int, ...] = DEFAULT_BUCKETS_S,
         encoder_precision: str = "fp32",
+        first_look_buckets_s: tuple[int, ...] = DEFAULT_FIRST_LOOK_BUCKETS_S,
     ) -> None:
         """encoder_precision: fp32 or bf16 for the torch engine built when `engine` is None
-        (`streamd.engine.precision.resolve_encoder_precision` turns "auto" into one)."""
+        (`streamd.engine.precision.resolve_encoder_precision` turns "auto" into one).
+        first_look_buckets_s: the buckets of a batch of first looks (`is_first_look`); empty:
+        encode them like any other window."""
         self.model = model
         self.buckets_s = self.check_buckets(buckets_s)
+        self.first_look_buckets_s = (
+            self.check_buckets(first_look_buckets_s) if first_look_buckets_s else ()
+        )
         self.engine: Engine = engine or TorchEngine(
             model.model, model.alignment_heads, encoder_precision=encoder_precision
         )
@@ -72,6 +86,8 @@ class WindowDecoder:
         warm = WindowRequest("warmup", 0, ((0, 0),), noise, (), (), (), "en", "transcribe", True)
         started = time.monotonic()
         self.decode([warm])
+        if self.first_look_buckets_s:  # and the smallest context, which a first look takes
+            self.decode([replace(warm, final=False)])
         return time.monotonic() - started
 
     def decode(
@@ -90,8 +106,18 @@ class WindowDecoder:
         out: list[WindowResult] = []
         for start in range(0, len(requests), self.max_batch):
             batch = requests[start : start + self.max_batch]
-            out.extend(self._decode_batch(batch, buckets_s or self.buckets_s, cancel))
+            out.extend(self._decode_batch(batch, self._buckets(batch, buckets_s), cancel))
         return out
+
+    def _buckets(
+        self, batch: list[WindowRequest], buckets_s: tuple[int, ...] | None
+    ) -> tuple[int, ...]:
+        """The call's buckets (or the decoder's own), and a first look's too if every request
+        of the batch is one: a batch is encoded at one context."""
+        chosen = buckets_s or self.buckets_s
+        if self.first_look_buckets_s and all(is_first_look(r) for r in batch):
+            return tuple(sorted({*chosen, *self.first_look_buckets_s}))
+        return chosen
 
     def _decode_batch(
         self,
@@ -167,3 +193,9 @@ class WindowDecoder:
                 )
             )
         return results
+
+
+def is_first_look(request: WindowRequest) -> bool:
+    """A partial step of an utterance nothing of which is decoded yet: no draft to verify,
+    not a probe, not a final (`DEFAULT_FIRST_LOOK_BUCKETS_S`)."""
+    return not request.final and not request.probe and not request.draft
