@@ -33,7 +33,8 @@ HOP_SAMPLES = 160
 DEFAULT_BUCKETS_S = (30,)
 # An utterance's first look: a partial step with no draft (nothing of it decoded yet). Its
 # words are only shown, or committed once a full-context step agrees with them, and a draft
-# changes no greedy result, only its cost; so it may take a small context and come sooner.
+# changes no greedy result, only its cost; so it may take a small context and come sooner
+# (one corner: a first look that heard the whole utterance is its final, docs/streaming.md).
 # base on 2 cores: Japanese first partials 0.56 s instead of 2.34 s after the talker starts,
 # finals' text the same on all eight evaluation streams (docs/streaming.md, "First look").
 DEFAULT_FIRST_LOOK_BUCKETS_S = (10, 20, 30)
