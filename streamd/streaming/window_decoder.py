@@ -31,10 +31,11 @@ HOP_SAMPLES = 160
 # by default: always 30 s, but for an utterance's first look (below). `--encoder-buckets
 # 10,20,30` trades it for capacity.
 DEFAULT_BUCKETS_S = (30,)
-# An utterance's first look: a partial step with no draft (nothing of it decoded yet). Its
-# words are only shown, or committed once a full-context step agrees with them, and a draft
-# changes no greedy result, only its cost; so it may take a small context and come sooner
-# (one corner: a first look that heard the whole utterance is its final, docs/streaming.md).
+# An utterance's first look: a partial step with no draft (nothing of it decoded since its
+# start or its last commit). Its words are only shown, or committed once a full-context step
+# agrees with them, and a draft changes no greedy result, only its cost; so it may take a
+# small context and come sooner (one corner: a first look that heard the whole utterance is
+# its final, docs/streaming.md).
 # base on 2 cores: Japanese first partials 0.56 s instead of 2.34 s after the talker starts,
 # finals' text the same on all eight evaluation streams (docs/streaming.md, "First look").
 DEFAULT_FIRST_LOOK_BUCKETS_S = (10, 20, 30)
@@ -197,6 +198,6 @@ class WindowDecoder:
 
 
 def is_first_look(request: WindowRequest) -> bool:
-    """A partial step of an utterance nothing of which is decoded yet: no draft to verify,
-    not a probe, not a final (`DEFAULT_FIRST_LOOK_BUCKETS_S`)."""
+    """A partial step with nothing of its utterance decoded since the utterance's start or its
+    last commit: no draft to verify, not a probe, not a final (`DEFAULT_FIRST_LOOK_BUCKETS_S`)."""
     return not request.final and not request.probe and not request.draft
