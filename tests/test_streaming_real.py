@@ -241,6 +241,10 @@ def test_an_utterances_first_look_takes_a_small_context(
     assert set(others) == {3000}
     # every first look of this stream holds under 10 s of audio
     assert set(first_looks) == ({1000} if first_look_buckets_s else {3000})
+    from streamd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"first_look_buckets_s must .* got \[10\]"):
+        WindowDecoder(tiny.model, tiny.engine, first_look_buckets_s=(10,))
 
 
 def test_a_stream_joined_mid_word_recovers_from_a_looping_context(tiny: WindowDecoder) -> None:

@@ -61,7 +61,9 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         self.notifier.status("loading model")
         decoder, model = await asyncio.to_thread(self._load)
-        busy_buckets = decoder.check_buckets(self.config.busy_encoder_buckets_s)
+        busy_buckets = decoder.check_buckets(
+            self.config.busy_encoder_buckets_s, "busy_encoder_buckets_s"
+        )
 
         def busy_decode(
             requests: list[WindowRequest], *, cancel: threading.Event | None = None

@@ -59,7 +59,9 @@ class WindowDecoder:
         self.model = model
         self.buckets_s = self.check_buckets(buckets_s)
         self.first_look_buckets_s = (
-            self.check_buckets(first_look_buckets_s) if first_look_buckets_s else ()
+            self.check_buckets(first_look_buckets_s, "first_look_buckets_s")
+            if first_look_buckets_s
+            else ()
         )
         self.engine: Engine = engine or TorchEngine(
             model.model, model.alignment_heads, encoder_precision=encoder_precision
@@ -70,11 +72,16 @@ class WindowDecoder:
     def max_batch(self) -> int:
         return self.engine.max_batch
 
-    def check_buckets(self, buckets_s: tuple[int, ...]) -> tuple[int, ...]:
-        """`buckets_s` sorted, or ConfigError: positive, the largest being the full context."""
+    def check_buckets(
+        self, buckets_s: tuple[int, ...], setting: str = "encoder_buckets_s"
+    ) -> tuple[int, ...]:
+        """`buckets_s` sorted, or ConfigError naming `setting`: positive, the largest being the
+        full context."""
         full_s = 2 * self.model.dims.n_audio_ctx * HOP_SAMPLES // SAMPLE_RATE
         if not buckets_s or max(buckets_s) != full_s or min(buckets_s) <= 0:
-            raise ConfigError(f"encoder buckets must be positive and end at {full_s} s")
+            raise ConfigError(
+                f"{setting} must be positive and end at {full_s} s, got {list(buckets_s)}"
+            )
         return tuple(sorted(buckets_s))
 
     def warm_up(self) -> float:
